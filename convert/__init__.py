@@ -1,0 +1,1 @@
+"""Conversion of PyTorch Lens checkpoints (safetensors) into JAX parameter pytrees."""
