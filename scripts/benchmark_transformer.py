@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--check", action="store_true", help="also report cosine vs an f32 XLA-attention forward")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM bf16 dense)")
     args = ap.parse_args()
 
@@ -111,6 +112,14 @@ def main() -> None:
         ("peak device memory", f"{peak / 2**30:.2f} GiB" if peak else "n/a (CPU)"),
         ("XLA temp allocation", f"{mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem else "n/a"),
     ]
+    if args.check:
+        with jax.default_matmul_precision("highest"):
+            p32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+            ref = fwd(p32, c, x.astype(jnp.float32), [f.astype(jnp.float32) for f in feats], mask, sigma,
+                      (h, w), jnp.float32, None)
+        out = np.asarray(run(), np.float64).ravel()
+        ref = np.asarray(ref, np.float64).ravel()
+        rows.append(("cosine vs f32/xla", f"{out @ ref / np.linalg.norm(out) / np.linalg.norm(ref):.6f}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
