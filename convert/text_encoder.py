@@ -1,0 +1,149 @@
+"""GPT-OSS (HF `GptOssForCausalLM` names) -> the JAX text-encoder pytree.
+
+Two source layouts exist:
+  * float: `model.layers.N.mlp.experts.gate_up_proj` [E, hidden, 2I] and `down_proj` [E, I, hidden]
+    (transformers' in-memory layout, what `save_pretrained` writes for a float model);
+  * MXFP4 (`openai/gpt-oss-*`, Lens' `text_encoder/`): `*_blocks` uint8 [E, out, in/32, 16] and
+    `*_scales` uint8 [E, out, in/32] instead of those two tensors.
+An MXFP4 checkpoint is either dequantised at conversion (exact) or kept packed (copied as
+uint8, dequantised inside the forward). `model.norm.weight` and `lm_head.weight` are accepted
+and not loaded: Lens uses raw decoder-layer outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lens_jax import mxfp4
+
+from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, unflatten
+from .safetensors_io import CheckpointError, SafetensorsReader, open_checkpoint
+
+__all__ = [
+    "MXFP4_DEQUANT",
+    "IGNORED",
+    "text_encoder_rules",
+    "source_layout",
+    "text_encoder_expected_shapes",
+    "convert_text_encoder_weights",
+    "convert_text_encoder",
+]
+
+# Target per layer: [E, in, out] (transformers' parameter layout). Sources: the on-disk MXFP4 pair.
+MXFP4_DEQUANT = Transform(
+    "mxfp4_dequant",
+    lambda t: mxfp4.packed_shapes((t[0], t[2], t[1])),
+    lambda blocks, scales: mxfp4.dequantize_np(blocks, scales).transpose(0, 2, 1),
+)
+
+IGNORED = (r"^lm_head\.weight$", r"^model\.norm\.weight$")
+
+_L = "model.layers.{i}."
+_EXPERTS = _L + "mlp.experts."
+
+
+def _linear(target: str, source: str, bias: bool) -> list[Rule]:
+    rules = [Rule(f"{target}.kernel", f"{source}.weight", LINEAR)]
+    if bias:
+        rules.append(Rule(f"{target}.bias", f"{source}.bias", COPY))
+    return rules
+
+
+def text_encoder_rules(attention_bias: bool = True, layout: str = "float", keep_mxfp4: bool = False) -> list[Rule]:
+    """The mapping as data. `layout` is the checkpoint's expert layout ("float" or "mxfp4")."""
+    if layout not in ("float", "mxfp4"):
+        raise ValueError(f"unknown expert layout {layout!r}")
+    if keep_mxfp4 and layout != "mxfp4":
+        raise ValueError("keep_mxfp4 needs an MXFP4 checkpoint (experts stored as *_blocks/*_scales).")
+    rules = [
+        Rule("embed_tokens.embedding", "model.embed_tokens.weight"),
+        Rule("layers.input_layernorm.weight", _L + "input_layernorm.weight"),
+        Rule("layers.post_attention_layernorm.weight", _L + "post_attention_layernorm.weight"),
+        Rule("layers.self_attn.sinks", _L + "self_attn.sinks"),
+        *[r for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+          for r in _linear(f"layers.self_attn.{n}", _L + f"self_attn.{n}", attention_bias)],
+        *_linear("layers.mlp.router", _L + "mlp.router", True),
+        Rule("layers.mlp.experts.gate_up_proj_bias", _EXPERTS + "gate_up_proj_bias"),
+        Rule("layers.mlp.experts.down_proj_bias", _EXPERTS + "down_proj_bias"),
+    ]
+    for name in ("gate_up_proj", "down_proj"):
+        target = f"layers.mlp.experts.{name}"
+        if layout == "float":
+            rules.append(Rule(target, _EXPERTS + name))
+        elif keep_mxfp4:
+            rules.append(Rule(f"{target}_blocks", _EXPERTS + f"{name}_blocks"))
+            rules.append(Rule(f"{target}_scales", _EXPERTS + f"{name}_scales"))
+        else:
+            rules.append(Rule(target, (_EXPERTS + f"{name}_blocks", _EXPERTS + f"{name}_scales"), MXFP4_DEQUANT))
+    return rules
+
+
+def source_layout(reader: SafetensorsReader) -> str:
+    """"mxfp4" when the checkpoint stores packed experts, else "float"."""
+    return "mxfp4" if any(k.endswith("mlp.experts.gate_up_proj_blocks") for k in reader.keys()) else "float"
+
+
+def text_encoder_expected_shapes(config, dtype, packed: bool) -> dict:
+    from lens_jax.text_encoder import init_params
+
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype, packed=packed))
+    return expected_shapes(abstract)
+
+
+def _later_layers_pattern(first_unused: int, total: int) -> str | None:
+    if first_unused >= total:
+        return None
+    return r"^model\.layers\.(" + "|".join(str(i) for i in range(first_unused, total)) + r")\."
+
+
+def convert_text_encoder_weights(reader: SafetensorsReader, config, dtype=np.float32, keep_mxfp4: bool | None = None,
+                                 num_layers: int | None = None, progress=None) -> dict:
+    """Strictly map a GPT-OSS state dict to the JAX pytree (numpy leaves).
+
+    `num_layers` keeps only the first decoder layers (later ones must exist and are skipped).
+    """
+    layout = source_layout(reader)
+    packed = (layout == "mxfp4") if keep_mxfp4 is None else bool(keep_mxfp4)
+    rules = text_encoder_rules(config.attention_bias, layout, packed)
+    total = config.num_hidden_layers
+    n = total if num_layers is None else int(num_layers)
+    if not 1 <= n <= total:
+        raise ValueError(f"num_layers must be in [1, {total}], got {n}.")
+    ignore = list(IGNORED)
+    later = _later_layers_pattern(n, total)
+    if later:
+        ignore.append(later)
+    flat = convert_state_dict(
+        reader, rules, text_encoder_expected_shapes(config.truncated(n), dtype, packed),
+        ignore=ignore, what=f"GPT-OSS text encoder checkpoint ({layout} experts)", progress=progress,
+    )
+    return unflatten(flat)
+
+
+def convert_text_encoder(path: str | os.PathLike, dtype=np.float32, keep_mxfp4: bool | None = None,
+                         num_layers: int | None = None, progress=None):
+    """Read an HF GPT-OSS folder -> (TextEncoderConfig, params with numpy leaves).
+
+    The config returned is the checkpoint's full config even when `num_layers` truncates the params.
+    """
+    from lens_jax.text_encoder import TextEncoderConfig
+
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"text encoder path {folder} does not exist.")
+    if folder.is_file():
+        folder = folder.parent
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(
+            f"no config.json in {folder}: pass an HF GPT-OSS folder (config.json + model*.safetensors), "
+            "e.g. a Lens checkpoint's text_encoder/."
+        )
+    config = TextEncoderConfig.from_json(config_path)
+    reader = open_checkpoint(folder)
+    params = convert_text_encoder_weights(reader, config, dtype, keep_mxfp4, num_layers, progress)
+    return config, params
