@@ -78,8 +78,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def put(x: Any, sharding: NamedSharding) -> jax.Array:
     """Place host data (identical on every process) as a global array with `sharding`."""
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
+    if isinstance(x, jax.Array):
+        if x.sharding == sharding:
+            return x
+        if x.is_fully_addressable and sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import configs
+from lens_jax import sharding as sh
 from lens_jax import transformer as dit
 from lens_jax import vae as vae_lib
 from lens_jax.pipeline import LensPipeline, _Component, load_preset
@@ -39,9 +40,19 @@ def main() -> None:
     height, width = (int(v) for v in args.size.split("x"))
     dcfg = dit.TransformerConfig.from_dict(configs.load_json(f"{name}/transformer.json"))
     vcfg = vae_lib.VAEConfig.from_dict(configs.load_json(f"{name}/vae.json"))
-    init = lambda fn, cfg, seed: jax.jit(fn, static_argnums=(0, 2))(cfg, jax.random.key(seed), dtype)  # noqa: E731
-    pipe = LensPipeline(_Component(dcfg, init(dit.init_params, dcfg, 0)), _Component(vcfg, init(vae_lib.init_params, vcfg, 1)),
-                        tokenizer=None, text_encoder_factory=None, dtype=dtype)
+    mesh = sh.make_mesh()
+
+    def init(fn, cfg, seed, fsdp):  # initialise straight into the pipeline's sharding: no second copy
+        abstract = jax.eval_shape(lambda k: fn(cfg, k, dtype), jax.random.key(seed))
+        out = sh.param_shardings(abstract, mesh, fsdp)
+        return jax.jit(fn, static_argnums=(0, 2), out_shardings=out)(cfg, jax.random.key(seed), dtype)
+
+    pipe = LensPipeline(_Component(dcfg, init(dit.init_params, dcfg, 0, True)),
+                        _Component(vcfg, init(vae_lib.init_params, vcfg, 1, False)),
+                        tokenizer=None, text_encoder_factory=None, dtype=dtype, mesh=mesh)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_in_use" in stats:
+        print(f"weights resident: {stats['bytes_in_use'] / 2**30:.2f} GiB")
     rng = np.random.default_rng(0)
     feats = [rng.standard_normal((1, args.text_tokens, dcfg.enc_hidden_dim)).astype(np.float32) for _ in range(4)]
     mask = np.ones((1, args.text_tokens), bool)
