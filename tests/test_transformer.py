@@ -229,3 +229,18 @@ def test_sharded_checkpoint_loads_identically(tmp_path, tr):
     sharded = T.load(dst)
     chex_equal = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), sharded.params, tr.params)
     assert all(jax.tree.leaves(chex_equal))
+
+
+def test_program_size_does_not_grow_with_depth(tr):
+    """The blocks run under one lax.scan: the program holds the same matmuls at 2 or 12 layers."""
+    import dataclasses
+
+    matmuls = []
+    for layers in (2, 12):
+        c = dataclasses.replace(tr.config, num_layers=layers)
+        params = jax.eval_shape(lambda: T.init_params(c, jax.random.key(0)))
+        args = (jax.ShapeDtypeStruct((1, 15, 32), jnp.float32), [jax.ShapeDtypeStruct((1, 9, 64), jnp.float32)] * 4,
+                jax.ShapeDtypeStruct((1, 9), bool), jax.ShapeDtypeStruct((1,), jnp.float32))
+        hlo = T.apply.lower(params, c, *args, (3, 5)).as_text()
+        matmuls.append(hlo.count("dot_general"))
+    assert matmuls[0] == matmuls[1] > 10
