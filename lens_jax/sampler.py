@@ -96,8 +96,8 @@ def sample(spec: SamplerSpec, dit_params, vae_params, latents, features, mask, s
 def build_sampler(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, batch: int, text_rows: int):
     """jit `sample` for one spec, with declared in/out shardings on `mesh`.
 
-    `dit_shardings`/`vae_shardings` are hashable `jax.tree_util` treedef-free tuples (see
-    `LensPipeline`), passed back in as pytrees of `NamedSharding`.
+    `dit_shardings`/`vae_shardings` are `ShardingTree`s (pytrees of `NamedSharding`, hashed by
+    identity so this cache can key on them); the latents are donated on accelerators.
     """
     lat = sh.batch_sharding(mesh, batch, 3)
     txt = sh.batch_sharding(mesh, text_rows, 3)
