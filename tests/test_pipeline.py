@@ -33,7 +33,7 @@ def io():
 
 @pytest.fixture(scope="module")
 def pipe():
-    return LensPipeline.from_pretrained(TINY)
+    return LensPipeline.from_pretrained(TINY, dtype="f32")  # f32 on any backend (bf16 is the accelerator default)
 
 
 def _latents(seed, n, tokens=20, channels=32):
