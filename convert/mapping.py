@@ -23,7 +23,10 @@ from flax import traverse_util
 
 from .safetensors_io import CheckpointError, SafetensorsReader
 
-__all__ = ["Transform", "Rule", "COPY", "LINEAR", "CONV2D", "convert_state_dict", "expected_shapes", "unflatten"]
+__all__ = [
+    "Transform", "Rule", "COPY", "LINEAR", "CONV2D", "convert_state_dict", "check_state_dict", "read_target",
+    "expected_shapes", "unflatten",
+]
 
 Shape = tuple[int, ...]
 
@@ -110,7 +113,7 @@ def _report(what: str, problems: list[str], limit: int = 25) -> str:
     return f"  {len(problems)} {what}:\n    " + "\n    ".join(shown) + more
 
 
-def convert_state_dict(
+def check_state_dict(
     reader: SafetensorsReader,
     rules: Sequence[Rule],
     expected: Mapping[str, tuple[Shape, np.dtype]],
@@ -118,13 +121,10 @@ def convert_state_dict(
     source_prefix: str = "",
     ignore: Sequence[str] = (),
     what: str = "checkpoint",
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Convert `reader`'s tensors into {target path: numpy array} following `rules`.
+) -> list[_Plan]:
+    """Check `reader` against `rules` and `expected` without reading any tensor; returns the plans.
 
-    `expected` gives each target's shape and dtype; every target must have a rule. Source keys
-    are looked up as `source_prefix + key`; keys matching a regex in `ignore` may be present
-    without a rule. Raises `CheckpointError` listing every problem before reading any tensor.
+    Raises `CheckpointError` listing every missing, unexpected and mis-shaped key.
     """
     plans = _plan(rules, expected)
     ignore_res = [re.compile(p) for p in ignore]
@@ -158,19 +158,49 @@ def convert_state_dict(
             f"(files: {', '.join(str(f) for f in reader.files)})."
         )
         raise CheckpointError("\n".join(parts))
+    return plans
 
+
+def read_target(reader: SafetensorsReader, plan: _Plan, *, source_prefix: str = "", layer: int | None = None,
+                what: str = "checkpoint") -> np.ndarray:
+    """Read and convert one checked target: the whole (stacked) array, or only `layer` of a stacked one."""
+    if layer is not None and not plan.rule.stacked:
+        raise ValueError(f"{plan.rule.target} is not a stacked target; it has no layer {layer}.")
+    indices = range(len(plan.layers)) if layer is None else [layer]
+    shape = plan.target_shape if layer is None else plan.target_shape[1:]
+    arr = np.empty(shape, dtype=plan.target_dtype)
+    for i in indices:
+        keys = plan.layers[i]
+        value = plan.rule.transform.apply(*(reader.get(source_prefix + k) for k in keys))
+        dst = arr[i] if plan.rule.stacked and layer is None else arr
+        if value.shape != dst.shape:
+            raise CheckpointError(
+                f"{what}: {keys} converted to shape {_fmt(value.shape)}, expected {_fmt(dst.shape)}."
+            )
+        dst[...] = value  # casts to the target dtype in place
+    return arr
+
+
+def convert_state_dict(
+    reader: SafetensorsReader,
+    rules: Sequence[Rule],
+    expected: Mapping[str, tuple[Shape, np.dtype]],
+    *,
+    source_prefix: str = "",
+    ignore: Sequence[str] = (),
+    what: str = "checkpoint",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Convert `reader`'s tensors into {target path: numpy array} following `rules`.
+
+    `expected` gives each target's shape and dtype; every target must have a rule. Source keys
+    are looked up as `source_prefix + key`; keys matching a regex in `ignore` may be present
+    without a rule. Raises `CheckpointError` listing every problem before reading any tensor.
+    """
+    plans = check_state_dict(reader, rules, expected, source_prefix=source_prefix, ignore=ignore, what=what)
     out: dict[str, np.ndarray] = {}
     for plan in plans:
-        arr = np.empty(plan.target_shape, dtype=plan.target_dtype)
-        for i, keys in enumerate(plan.layers):
-            value = plan.rule.transform.apply(*(reader.get(source_prefix + k) for k in keys))
-            dst = arr[i] if plan.rule.stacked else arr
-            if value.shape != dst.shape:
-                raise CheckpointError(
-                    f"{what}: {keys} converted to shape {_fmt(value.shape)}, expected {_fmt(dst.shape)}."
-                )
-            dst[...] = value  # casts to the target dtype in place
-        out[plan.rule.target] = arr
+        out[plan.rule.target] = read_target(reader, plan, source_prefix=source_prefix, what=what)
         if progress is not None:
             progress(plan.rule.target)
     return out

@@ -1,0 +1,399 @@
+"""Converted Lens checkpoints on disk: streamed orbax writing, sharded reading, the manifest.
+
+A conversion output (`python -m convert`) is a folder:
+
+    OUT/manifest.json                what was converted from what (see `convert/__main__.py`)
+    OUT/model_index.json             the upstream file, with `txt_offset`
+    OUT/scheduler/scheduler_config.json
+    OUT/tokenizer/...                copied as is
+    OUT/<component>/config.json      the component's upstream config
+    OUT/<component>/params/          an orbax checkpoint of the component's parameters
+
+for <component> in transformer, text_encoder, vae. In `params/` every per-layer ("stacked")
+subtree is stored one layer per entry: the DiT's `transformer_blocks` leaf `attn.img_qkv.kernel`
+[L, d, 3d] is saved as `transformer_blocks/0/attn/img_qkv/kernel` ... `transformer_blocks/{L-1}/...`,
+each [d, 3d]; the text encoder's `layers` likewise; everything else is saved as in the
+in-memory pytree. That lets the writer save one layer per `ocp.partial.save` call (host memory
+~ one layer, never the model) and the reader restore only the layers it needs.
+
+Reading (`load_params`) restores every leaf straight into the sharding it is given (so each host
+reads only its own shards) and stacks each per-layer leaf on the devices one leaf at a time, so
+the device peak is the parameters plus one stacked leaf. The result has exactly the structure
+of the model's `init_params`, which `lens_jax.transformer.apply` etc. expect.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from .mapping import check_state_dict, read_target, unflatten
+from .safetensors_io import CheckpointError, SafetensorsReader
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "PARAMS_DIR",
+    "STACKED_KEYS",
+    "ConvertedCheckpointError",
+    "stream_params",
+    "save_streamed",
+    "load_params",
+    "is_converted",
+    "read_manifest",
+    "abstract_params",
+    "load_component",
+    "load_converted",
+]
+
+FORMAT = "lens-jax-orbax"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS_DIR = "params"
+COMPONENTS = ("transformer", "text_encoder", "vae")
+# The per-layer subtree of each component (stored one layer per entry), None when it has none.
+STACKED_KEYS = {"transformer": "transformer_blocks", "text_encoder": "layers", "vae": None}
+
+
+class ConvertedCheckpointError(CheckpointError):
+    """A conversion output is incomplete or does not match its own configs / manifest."""
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def stream_params(
+    reader: SafetensorsReader,
+    rules,
+    expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    *,
+    stacked_key: str | None,
+    source_prefix: str = "",
+    ignore: Sequence[str] = (),
+    what: str = "checkpoint",
+) -> Iterator[dict]:
+    """Convert with `rules` (the component modules' mapping tables) one layer at a time.
+
+    Checks the whole checkpoint first (every missing, unexpected and mis-shaped key, nothing
+    read), then yields pytrees with numpy leaves: first every target outside `stacked_key`, then
+    `{stacked_key: {"i": layer i's subtree}}` for each layer i. At most one such piece is alive
+    at a time when the caller writes and drops each one.
+    """
+    plans = check_state_dict(reader, rules, expected, source_prefix=source_prefix, ignore=ignore, what=what)
+    head = f"{stacked_key}." if stacked_key else None
+    per_layer = [p for p in plans if head and p.rule.target.startswith(head)]
+    rest = [p for p in plans if p not in per_layer]
+    if any(not p.rule.stacked for p in per_layer):
+        bad = [p.rule.target for p in per_layer if not p.rule.stacked]
+        raise ValueError(f"targets under {stacked_key!r} without a per-layer source key: {bad}")
+    yield unflatten({p.rule.target: read_target(reader, p, source_prefix=source_prefix, what=what) for p in rest})
+    num_layers = {p.target_shape[0] for p in per_layer}
+    if len(num_layers) > 1:
+        raise ValueError(f"{stacked_key} leaves disagree on the number of layers: {sorted(num_layers)}")
+    for i in range(num_layers.pop() if num_layers else 0):
+        layer = {
+            p.rule.target[len(head):]: read_target(reader, p, source_prefix=source_prefix, layer=i, what=what)
+            for p in per_layer
+        }
+        yield {stacked_key: {str(i): unflatten(layer)}}
+
+
+def save_streamed(path: str | Path, pieces: Iterator[dict], on_piece: Callable[[int], None] | None = None) -> int:
+    """Write pytree pieces with disjoint leaves as one orbax checkpoint, one `partial.save` per piece.
+
+    The checkpoint exists at `path` only after the last piece (orbax writes to `path` +
+    '.partial_save' until `finalize`). Returns the number of bytes of parameters written.
+    """
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    path = Path(path)
+    total = 0
+    ctx = ocp.Context()
+    # Uncompressed: orbax's compressed writes keep ~2-3 pieces' worth of buffers alive across calls
+    # (measured: 160 MB pieces, +450 MB retained vs +0 uncompressed) for ~20 % less disk on
+    # random bf16; weights barely compress and loading skips the decompression.
+    ctx.array.saving.use_compression = False
+    with ctx:
+        for n, piece in enumerate(pieces):
+            ocp.partial.save(path, piece)
+            total += sum(np.asarray(x).nbytes for x in jax.tree.leaves(piece))
+            del piece
+            if on_piece is not None:
+                on_piece(n)
+        ocp.partial.finalize(path)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def _path_tuple(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _stored_shapes(path: Path) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    try:
+        meta = ocp.metadata(path).metadata
+    except Exception as e:  # orbax raises a variety of errors for a damaged or missing checkpoint
+        raise ConvertedCheckpointError(f"{path} is not a readable orbax checkpoint ({type(e).__name__}: {e}).") from None
+    flat = traverse_util.flatten_dict(meta)
+    return {tuple(str(k) for k in key): (tuple(v.shape), np.dtype(v.dtype)) for key, v in flat.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _stacker(sharding) -> Callable:
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
+
+
+def _layer_sharding(sharding: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding:
+    """The sharding of one layer of a stacked leaf whose sharding is `sharding` (layer axis unsharded)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        if spec[0] is not None:
+            raise ValueError(f"stacked leaves must not be sharded on the layer axis; got {sharding.spec}.")
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    raise TypeError(f"unsupported sharding {sharding!r}; use NamedSharding or SingleDeviceSharding.")
+
+
+def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stacked_key: str | None = None,
+                what: str = "converted checkpoint") -> Any:
+    """Restore a `save_streamed` checkpoint into the structure, shapes and dtypes of `abstract`.
+
+    `abstract`: the model's abstract params (`jax.eval_shape` of `init_params`); leaves are cast to
+    its dtypes. `shardings`: a matching tree of shardings (e.g. `lens_jax.sharding.param_shardings`
+    on `abstract`), default: everything on the first device. Each leaf is read directly into its
+    sharding. Under `stacked_key` the stored per-layer entries 0..L-1 are read, L being the
+    leading dimension in `abstract` (the checkpoint may hold more layers), and stacked on the
+    devices one leaf at a time.
+    """
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    path = Path(path)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    stored = _stored_shapes(path)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    sharding_leaves = treedef.flatten_up_to(shardings)
+
+    rest: list[tuple[tuple[str, ...], jax.ShapeDtypeStruct]] = []
+    stacked: list[tuple[int, tuple[str, ...], jax.ShapeDtypeStruct, Any]] = []
+    problems = []
+    for n, ((kp, leaf), sharding) in enumerate(zip(leaves, sharding_leaves)):
+        key = _path_tuple(kp)
+        shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype)
+        if stacked_key is not None and key[0] == stacked_key:
+            inner = key[1:]
+            for i in range(shape[0]):
+                got = stored.get((stacked_key, str(i), *inner))
+                if got is None or got[0] != shape[1:]:
+                    problems.append(f"{'/'.join((stacked_key, str(i), *inner))}: expected {list(shape[1:])}, "
+                                    f"found {'nothing' if got is None else list(got[0])}")
+            stacked.append((n, inner, leaf, sharding))
+        else:
+            got = stored.get(key)
+            if got is None or got[0] != shape:
+                problems.append(f"{'/'.join(key)}: expected {list(shape)}, found {'nothing' if got is None else list(got[0])}")
+            rest.append((n, key, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)))
+    if problems:
+        shown = "\n    ".join(problems[:20]) + (f"\n    ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ConvertedCheckpointError(
+            f"{what} at {path} does not match its config.json ({len(problems)} problems):\n    {shown}\n"
+            "Re-run the conversion (`python -m convert ...`)."
+        )
+
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    out: list[Any] = [None] * len(leaves)
+    with ctx:
+        if rest:
+            tree = traverse_util.unflatten_dict({key: sds for _, key, sds in rest})
+            got = traverse_util.flatten_dict(ocp.load(path, tree))
+            for n, key, _ in rest:
+                out[n] = got[key]
+        for n, inner, leaf, sharding in stacked:
+            layers = int(leaf.shape[0])
+            per_layer = jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype,
+                                             sharding=_layer_sharding(sharding, len(leaf.shape)))
+            tree = traverse_util.unflatten_dict({(stacked_key, str(i), *inner): per_layer for i in range(layers)})
+            got = traverse_util.flatten_dict(ocp.load(path, tree))
+            pieces = [got[(stacked_key, str(i), *inner)] for i in range(layers)]
+            del got
+            out[n] = _stacker(sharding)(*pieces)
+            del pieces
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# a whole conversion output
+
+
+def is_converted(root: str | Path) -> bool:
+    """Whether `root` is a `python -m convert` output (it has a manifest of ours)."""
+    p = Path(root) / MANIFEST
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_manifest(root: str | Path) -> dict:
+    p = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConvertedCheckpointError(f"{root} has no {MANIFEST}; it is not a `python -m convert` output.") from None
+    except json.JSONDecodeError as e:
+        raise ConvertedCheckpointError(f"{p} is not valid JSON ({e}).") from None
+    if manifest.get("format") != FORMAT:
+        raise ConvertedCheckpointError(f"{p} is not a lens-jax conversion manifest (format {manifest.get('format')!r}).")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise ConvertedCheckpointError(
+            f"{root} was written by a newer lens-jax (format version {manifest['format_version']}); upgrade lens-jax."
+        )
+    return manifest
+
+
+def abstract_params(component: str, config, dtype, *, packed: bool = False, num_layers: int | None = None):
+    """The abstract parameter pytree (ShapeDtypeStructs) of a component, as its `init_params` builds it."""
+    key = jax.random.key(0)
+    if component == "transformer":
+        from lens_jax.transformer import init_params
+
+        return jax.eval_shape(lambda: init_params(config, key, dtype))
+    if component == "vae":
+        from lens_jax.vae.model import init_params
+
+        return jax.eval_shape(lambda: init_params(config, key, dtype))
+    if component == "text_encoder":
+        from lens_jax.text_encoder import init_params
+
+        cfg = config if num_layers is None else config.truncated(num_layers)
+        return jax.eval_shape(lambda: init_params(cfg, key, dtype, packed=packed))
+    raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}.")
+
+
+def read_config(component: str, path: Path):
+    if component == "transformer":
+        from lens_jax.transformer import TransformerConfig
+
+        return TransformerConfig.from_json(path)
+    if component == "vae":
+        from lens_jax.vae.config import VAEConfig
+
+        return VAEConfig.from_json(path)
+    if component == "text_encoder":
+        from lens_jax.text_encoder import TextEncoderConfig
+
+        return TextEncoderConfig.from_json(path)
+    raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}.")
+
+
+def _component_entry(root: Path, manifest: dict, component: str) -> dict:
+    entry = manifest.get("components", {}).get(component)
+    if entry is None or not (root / component / PARAMS_DIR).is_dir():
+        present = sorted(manifest.get("components", {}))
+        raise ConvertedCheckpointError(
+            f"{root} has no converted {component} (it holds {present}); convert it with "
+            f"`python -m convert --src ... --dst {root} --components {component} ...` into a full output."
+        )
+    return entry
+
+
+def _packed(root: Path, manifest: dict, keep_mxfp4: bool | None) -> bool:
+    """Whether the converted text encoder keeps MXFP4 experts; refuses a contradicting `keep_mxfp4`."""
+    entry = manifest["components"]["text_encoder"]
+    packed = bool(entry.get("keep_mxfp4", manifest.get("keep_mxfp4", False)))
+    if keep_mxfp4 is not None and bool(keep_mxfp4) != packed:
+        raise ConvertedCheckpointError(
+            f"{root}/text_encoder was converted with{'' if packed else 'out'} --keep-mxfp4 "
+            f"(experts {'MXFP4-packed' if packed else 'dequantised'}) but keep_mxfp4={keep_mxfp4} was asked; "
+            "load with keep_mxfp4=None or convert again with the other setting."
+        )
+    return packed
+
+
+def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: bool = True,
+                   keep_mxfp4: bool | None = None, num_layers: int | None = None):
+    """(config, params) of one converted component; params placed on `mesh` (default: first device).
+
+    dtype: the parameter dtype to restore into (leaves the model keeps in float32, such as the
+    VAE's BatchNorm statistics or the text encoder's norms, stay float32). The VAE is always
+    replicated, as `LensPipeline` places it. `keep_mxfp4` (text encoder): None = as converted;
+    a value contradicting the conversion is an error. `num_layers` (text encoder): restore only
+    the first decoder layers.
+    """
+    from lens_jax import sharding as sh
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    entry = _component_entry(root, manifest, component)
+    config = read_config(component, root / component / "config.json")
+    packed = _packed(root, manifest, keep_mxfp4) if component == "text_encoder" else False
+    abstract = abstract_params(component, config, dtype, packed=packed, num_layers=num_layers)
+    if mesh is None:
+        shardings = None
+    else:
+        shardings = sh.param_shardings(abstract, mesh, fsdp=fsdp and component != "vae")
+    params = load_params(root / component / PARAMS_DIR, abstract, shardings, stacked_key=STACKED_KEYS[component],
+                         what=f"converted {component}")
+    return config, params
+
+
+def load_converted(root: str | Path, dtype, keep_mxfp4: bool | None = None, mesh=None, fsdp: bool = True) -> dict:
+    """Every component of a conversion output, in the form `lens_jax.checkpoints.load_components` returns.
+
+    The DiT and VAE are restored now (into their shardings on `mesh`); the text encoder lazily,
+    by the returned `text_encoder_factory`, with only the decoder layers the DiT selects.
+    """
+    from lens_jax import prompt as prompt_lib
+    from lens_jax.pipeline import _Component
+    from lens_jax.scheduler import SchedulerConfig
+    from lens_jax.text_encoder import TextEncoder, TextEncoderConfig, check_selected_layers
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    for component in COMPONENTS:
+        _component_entry(root, manifest, component)
+    for folder in ("tokenizer", "scheduler"):
+        if not (root / folder).is_dir():
+            raise ConvertedCheckpointError(f"{root} has no {folder}/ folder; the conversion output is incomplete.")
+    te_config = TextEncoderConfig.from_json(root / "text_encoder" / "config.json")
+    _packed(root, manifest, keep_mxfp4)  # a contradicting keep_mxfp4 fails now, not at the first prompt
+    dit_config, dit_params = load_component(root, "transformer", dtype, mesh=mesh, fsdp=fsdp)
+    vae_config, vae_params = load_component(root, "vae", dtype, mesh=mesh, fsdp=False)
+    selected = tuple(dit_config.selected_layer_index)
+    needed = max(selected) + 1
+    check_selected_layers(selected, te_config.num_hidden_layers)
+
+    def text_encoder_factory():
+        config, params = load_component(root, "text_encoder", dtype, mesh=mesh, fsdp=fsdp, keep_mxfp4=keep_mxfp4,
+                                        num_layers=needed)
+        return TextEncoder(config, params, check_selected_layers(selected, needed, config.num_hidden_layers))
+
+    return {
+        "transformer": _Component(dit_config, dit_params),
+        "vae": _Component(vae_config, vae_params),
+        "tokenizer": prompt_lib.load_tokenizer(root / "tokenizer"),
+        "text_encoder_factory": text_encoder_factory,
+        "scheduler": SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
+        "txt_offset": prompt_lib.read_txt_offset(root),
+    }
