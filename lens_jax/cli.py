@@ -35,6 +35,17 @@ def _generate_parser(sub) -> None:
     p.add_argument("--out", default="outputs", help="output folder (created if needed)")
 
 
+def _enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk so later runs skip compilation (LENS_JAX_COMPILATION_CACHE=off disables)."""
+    import jax
+
+    cache = os.environ.get("LENS_JAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "lens-jax" / "xla"))
+    if cache.lower() in ("", "0", "off", "none"):
+        return
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _load_pipeline(args):
     from lens_jax.pipeline import LensPipeline, load_preset
 
@@ -76,6 +87,7 @@ def generate(args) -> int:
     if args.num_images < 1:
         raise ValueError("--num-images must be at least 1.")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
+    _enable_compilation_cache()
     pipe, model = _load_pipeline(args)
     steps = args.steps or pipe.defaults["num_inference_steps"]
     guidance = pipe.defaults["guidance_scale"] if args.guidance is None else args.guidance

@@ -13,7 +13,16 @@ from lens_jax.cli import main
 ROOT = Path(__file__).parent.parent
 
 
-def test_generate_tiny_random_writes_png_with_metadata(tmp_path, capsys):
+@pytest.fixture
+def isolated_compilation_cache(tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.setenv("LENS_JAX_COMPILATION_CACHE", str(tmp_path / "xla-cache"))
+    yield tmp_path / "xla-cache"
+    jax.config.update("jax_compilation_cache_dir", None)  # the CLI set it process-wide
+
+
+def test_generate_tiny_random_writes_png_with_metadata(tmp_path, capsys, isolated_compilation_cache):
     rc = main(["generate", "--model", "tiny-random", "--prompt", "a red fox", "--height", "64", "--width", "48",
                "--steps", "2", "--seed", "3", "--guidance", "3.5", "--out", str(tmp_path / "out")])
     assert rc == 0
@@ -28,13 +37,15 @@ def test_generate_tiny_random_writes_png_with_metadata(tmp_path, capsys):
         meta = json.loads(im.text["parameters"])
     assert meta["prompt"] == "a red fox" and meta["seed"] == 3 and meta["steps"] == 2
     assert meta["guidance"] == 3.5 and meta["model"] == "tiny-random"
+    assert any(isolated_compilation_cache.iterdir())  # compiled programs kept for the next run
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--height", "60", "--width", "64"], "multiple of 16"),
     (["--aspect-ratio", "7:5"], "unknown aspect_ratio"),
 ])
-def test_generate_bad_arguments(tmp_path, capsys, argv, message):
+def test_generate_bad_arguments(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("LENS_JAX_COMPILATION_CACHE", "off")
     rc = main(["generate", "--model", "tiny-random", "--prompt", "x", "--out", str(tmp_path), *argv])
     assert rc == 2
     assert message in capsys.readouterr().err
