@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time

@@ -19,7 +19,6 @@ from safetensors.numpy import load_file, save_file
 
 import convert.__main__ as cli
 from convert import orbax_io
-from convert.safetensors_io import open_checkpoint
 from convert.text_encoder import convert_text_encoder
 from convert.transformer import convert_transformer
 from convert.vae import convert_vae
