@@ -364,9 +364,7 @@ def load_converted(root: str | Path, dtype, keep_mxfp4: bool | None = None, mesh
     The DiT and VAE are restored now (into their shardings on `mesh`); the text encoder lazily,
     by the returned `text_encoder_factory`, with only the decoder layers the DiT selects.
     """
-    from lens_jax import prompt as prompt_lib
-    from lens_jax.pipeline import _Component
-    from lens_jax.scheduler import SchedulerConfig
+    from lens_jax.checkpoints import assemble_components
     from lens_jax.text_encoder import TextEncoder, TextEncoderConfig, check_selected_layers
 
     root = Path(root)
@@ -389,11 +387,4 @@ def load_converted(root: str | Path, dtype, keep_mxfp4: bool | None = None, mesh
                                         num_layers=needed)
         return TextEncoder(config, params, check_selected_layers(selected, needed, config.num_hidden_layers))
 
-    return {
-        "transformer": _Component(dit_config, dit_params),
-        "vae": _Component(vae_config, vae_params),
-        "tokenizer": prompt_lib.load_tokenizer(root / "tokenizer"),
-        "text_encoder_factory": text_encoder_factory,
-        "scheduler": SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
-        "txt_offset": prompt_lib.read_txt_offset(root),
-    }
+    return assemble_components(root, (dit_config, dit_params), (vae_config, vae_params), text_encoder_factory)

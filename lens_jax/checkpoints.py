@@ -74,7 +74,6 @@ def load_components(root: Path, dtype, keep_mxfp4: bool | None = None, mesh=None
     from convert.transformer import convert_transformer
     from convert.vae import convert_vae
 
-    from .pipeline import _Component
     from .text_encoder import TextEncoder, check_selected_layers
 
     check_layout(root)
@@ -88,9 +87,17 @@ def load_components(root: Path, dtype, keep_mxfp4: bool | None = None, mesh=None
         )
         return TextEncoder(config, jax.tree.map(jax.numpy.asarray, params), check_selected_layers(selected, max(selected) + 1))
 
+    return assemble_components(root, (dit_config, dit_params), (vae_config, vae_params), text_encoder_factory)
+
+
+def assemble_components(root: Path, transformer: tuple, vae: tuple, text_encoder_factory) -> dict[str, Any]:
+    """The dict `LensPipeline` is built from: (config, params) of the DiT and VAE, the text-encoder
+    factory, and the tokenizer, scheduler config and txt_offset read from `root`."""
+    from .pipeline import _Component
+
     return {
-        "transformer": _Component(dit_config, dit_params),
-        "vae": _Component(vae_config, vae_params),
+        "transformer": _Component(*transformer),
+        "vae": _Component(*vae),
         "tokenizer": prompt_lib.load_tokenizer(root / "tokenizer"),
         "text_encoder_factory": text_encoder_factory,
         "scheduler": SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
