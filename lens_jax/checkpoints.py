@@ -122,13 +122,15 @@ def tiny_random_components(seed: int, dtype) -> dict[str, Any]:
     def init(fn, config, key):  # one compiled program instead of hundreds of eager ops
         return jax.jit(fn, static_argnums=(0, 2))(config, key, dtype)
 
-    te_params = init(te_init, te_config, k_te)
+    te_params = to_host(init(te_init, te_config, k_te))  # host copy: the pipeline may free the device one
 
     return {
         "transformer": _Component(dit_config, to_host(init(dit.init_params, dit_config, k_dit))),
         "vae": _Component(vae_config, to_host(init(vae_lib.init_params, vae_config, k_vae))),
         "tokenizer": prompt_lib.load_tokenizer(configs.path("tiny/tokenizer")),
-        "text_encoder_factory": lambda: TextEncoder(te_config, te_params, tuple(dit_config.selected_layer_index)),
+        "text_encoder_factory": lambda: TextEncoder(
+            te_config, jax.tree.map(jax.numpy.asarray, te_params), tuple(dit_config.selected_layer_index)
+        ),
         "scheduler": SchedulerConfig.from_dict(configs.load_json("tiny/scheduler.json")),
         "txt_offset": int(configs.load_json("tiny/model_index.json")["txt_offset"]),
     }

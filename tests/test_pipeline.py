@@ -177,3 +177,11 @@ def test_bf16_pipeline_close_to_golden(io):
     psnr = 10 * np.log10(1.0 / np.mean((out.images - io["image_np"]) ** 2))
     assert psnr >= 35.0
     assert cosine(out.latents, io["latents_final"]) >= 0.999
+
+
+def test_text_encoder_released_after_encoding_and_reloaded():
+    pipe = LensPipeline.tiny_random(seed=0, keep_text_encoder=False)
+    first = pipe("A cat.", seed=1, output_type="latent", height=32, width=32, num_inference_steps=1).images
+    assert pipe._text_encoder is None  # dropped from the device after encoding
+    second = pipe("A cat.", seed=1, output_type="latent", height=32, width=32, num_inference_steps=1).images
+    np.testing.assert_array_equal(first, second)
