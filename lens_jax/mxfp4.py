@@ -50,7 +50,7 @@ def dequantize_np(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32) -> n
     vals = np.empty((*blocks.shape[:-1], BLOCK), np.float32)
     vals[..., 0::2] = lut[blocks & 0x0F]
     vals[..., 1::2] = lut[blocks >> 4]
-    vals = np.ldexp(vals, np.asarray(scales, np.int32)[..., None] - SCALE_BIAS)
+    np.ldexp(vals, np.asarray(scales, np.int32)[..., None] - SCALE_BIAS, out=vals)  # in place: one f32 copy
     return vals.reshape(*blocks.shape[:-2], -1).astype(dtype, copy=False)
 
 
