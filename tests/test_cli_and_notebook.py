@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,14 @@ def test_quickstart_notebook_runs():
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook did not display an image"
     assert not any(o.get("output_type") == "error" for o in outputs)
+
+
+def test_gpu_xla_flag_default_respects_the_user(monkeypatch):
+    from lens_jax import cli
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    cli._default_xla_flags()
+    assert cli.GPU_XLA_FLAG in os.environ["XLA_FLAGS"] and "--xla_dump_to=/tmp/x" in os.environ["XLA_FLAGS"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+    cli._default_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
