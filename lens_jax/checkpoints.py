@@ -119,8 +119,11 @@ def tiny_random_components(seed: int, dtype) -> dict[str, Any]:
     te_config = TextEncoderConfig.from_dict(configs.load_json("tiny/text_encoder.json"))
     to_host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
 
-    def init(fn, config, key):  # one compiled program instead of hundreds of eager ops
-        return jax.jit(fn, static_argnums=(0, 2))(config, key, dtype)
+    def init(fn, config, key):
+        # One compiled program instead of hundreds of eager ops; XLA's optimisation passes would
+        # cost more than they save on a program that runs once.
+        options = {"xla_backend_optimization_level": 0}
+        return jax.jit(fn, static_argnums=(0, 2), compiler_options=options)(config, key, dtype)
 
     te_params = to_host(init(te_init, te_config, k_te))  # host copy: the pipeline may free the device one
 
