@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from lens_jax import mxfp4
@@ -33,11 +34,25 @@ __all__ = [
     "convert_text_encoder",
 ]
 
+def _dequantize_experts(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """[E, out, G, 16] blocks + [E, out, G] scales -> [E, in, out], one expert at a time.
+
+    The result is bfloat16, which holds every MXFP4 value exactly (2 significant bits, f32's
+    exponent range), so f32 targets get the same values while the float32 temporaries stay at
+    one expert instead of a whole layer.
+    """
+    e, rows, groups, _ = blocks.shape
+    out = np.empty((e, groups * mxfp4.BLOCK, rows), ml_dtypes.bfloat16)
+    for i in range(e):
+        out[i] = mxfp4.dequantize_np(blocks[i], scales[i]).T
+    return out
+
+
 # Target per layer: [E, in, out] (transformers' parameter layout). Sources: the on-disk MXFP4 pair.
 MXFP4_DEQUANT = Transform(
     "mxfp4_dequant",
     lambda t: mxfp4.packed_shapes((t[0], t[2], t[1])),
-    lambda blocks, scales: mxfp4.dequantize_np(blocks, scales).transpose(0, 2, 1),
+    _dequantize_experts,
 )
 
 IGNORED = (r"^lm_head\.weight$", r"^model\.norm\.weight$")

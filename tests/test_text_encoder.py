@@ -355,3 +355,13 @@ def test_bad_checkpoint_keys(tmp_path, damage):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         te_mod.load(folder, selected_layers=(0, 1))
+
+
+def test_mxfp4_dequantised_conversion_is_bit_equal_to_the_float_checkpoint():
+    """The float golden folder holds exactly transformers' dequantisation of the MXFP4 one."""
+    from convert.text_encoder import convert_text_encoder
+
+    _, deq = convert_text_encoder(TINY / "text_encoder_mxfp4", np.float32, keep_mxfp4=False)
+    _, ref = convert_text_encoder(TINY / "text_encoder", np.float32)
+    equal = jax.tree.map(lambda a, b: a.dtype == b.dtype and bool(np.array_equal(a, b)), deq, ref)
+    assert all(jax.tree.leaves(equal))
