@@ -345,7 +345,7 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
 
     root = Path(root)
     manifest = read_manifest(root)
-    entry = _component_entry(root, manifest, component)
+    _component_entry(root, manifest, component)  # raises when the component is missing
     config = read_config(component, root / component / "config.json")
     packed = _packed(root, manifest, keep_mxfp4) if component == "text_encoder" else False
     abstract = abstract_params(component, config, dtype, packed=packed, num_layers=num_layers)

@@ -71,7 +71,7 @@ def convert_dit_weights(reader: SafetensorsReader, config, dtype, source_prefix:
     """Strictly map a DiT state dict (diffusers names) to the JAX pytree (numpy leaves)."""
     flat = convert_state_dict(
         reader, DIT_RULES, dit_expected_shapes(config, dtype),
-        source_prefix=source_prefix, what=f"transformer checkpoint", progress=progress,
+        source_prefix=source_prefix, what="transformer checkpoint", progress=progress,
     )
     return unflatten(flat)
 

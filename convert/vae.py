@@ -22,7 +22,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lens_jax.vae.config import VAEConfig
 from lens_jax.vae.model import init_params

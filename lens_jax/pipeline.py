@@ -14,12 +14,9 @@ Upstream semantics (microsoft/Lens `LensPipeline.__call__`), with these JAX spec
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import jax
