@@ -110,7 +110,6 @@ def tiny_random_components(seed: int, dtype) -> dict[str, Any]:
     import configs
     from . import transformer as dit
     from . import vae as vae_lib
-    from .pipeline import _Component
     from .text_encoder import TextEncoder, TextEncoderConfig, init_params as te_init
 
     k_dit, k_vae, k_te = jax.random.split(jax.random.key(seed), 3)
@@ -127,13 +126,13 @@ def tiny_random_components(seed: int, dtype) -> dict[str, Any]:
 
     te_params = to_host(init(te_init, te_config, k_te))  # host copy: the pipeline may free the device one
 
-    return {
-        "transformer": _Component(dit_config, to_host(init(dit.init_params, dit_config, k_dit))),
-        "vae": _Component(vae_config, to_host(init(vae_lib.init_params, vae_config, k_vae))),
-        "tokenizer": prompt_lib.load_tokenizer(configs.path("tiny/tokenizer")),
-        "text_encoder_factory": lambda: TextEncoder(
-            te_config, jax.tree.map(jax.numpy.asarray, te_params), tuple(dit_config.selected_layer_index)
-        ),
-        "scheduler": SchedulerConfig.from_dict(configs.load_json("tiny/scheduler.json")),
-        "txt_offset": int(configs.load_json("tiny/model_index.json")["txt_offset"]),
-    }
+    def text_encoder_factory():
+        return TextEncoder(te_config, jax.tree.map(jax.numpy.asarray, te_params), tuple(dit_config.selected_layer_index))
+
+    # configs/tiny is laid out like a checkpoint root for the tokenizer, scheduler and model_index.
+    return assemble_components(
+        configs.path("tiny"),
+        (dit_config, to_host(init(dit.init_params, dit_config, k_dit))),
+        (vae_config, to_host(init(vae_lib.init_params, vae_config, k_vae))),
+        text_encoder_factory,
+    )
