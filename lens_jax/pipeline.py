@@ -87,6 +87,14 @@ def _pad_text(features: Sequence[np.ndarray], mask: np.ndarray, length: int):
     return feats, np.pad(np.asarray(mask, bool), ((0, 0), (0, extra)))
 
 
+def _cfg_batch(pos, pos_mask, neg, neg_mask):
+    """[cond; uncond] rows, both right-padded (zeros, False) to a common text length."""
+    length = max(pos_mask.shape[1], neg_mask.shape[1])
+    pos, pos_mask = _pad_text(pos, pos_mask, length)
+    neg, neg_mask = _pad_text(neg, neg_mask, length)
+    return [np.concatenate([p, n]) for p, n in zip(pos, neg)], np.concatenate([pos_mask, neg_mask])
+
+
 class LensPipeline:
     """Lens text-to-image. Build with `from_pretrained` (or `tiny_random` for an offline smoke test)."""
 
@@ -219,10 +227,7 @@ class LensPipeline:
             rows = np.asarray(empty)
             neg = [np.where(rows[:, None, None], 0.0, f).astype(np.float32) for f in neg]
             neg_mask = np.where(rows[:, None], False, neg_mask)
-        length = max(pos_mask.shape[1], neg_mask.shape[1])
-        pos, pos_mask = _pad_text(pos, pos_mask, length)
-        neg, neg_mask = _pad_text(neg, neg_mask, length)
-        return [np.concatenate([p, n]) for p, n in zip(pos, neg)], np.concatenate([pos_mask, neg_mask])
+        return _cfg_batch(pos, pos_mask, neg, neg_mask)
 
     # ------------------------------------------------------------------ generation
 
@@ -332,10 +337,7 @@ class LensPipeline:
             neg_mask = self._embeds_mask(neg, negative_prompt_mask, "negative_prompt")
             if neg_mask.shape[0] != pos_mask.shape[0]:
                 raise ValueError("negative_prompt_embeds must have as many rows as prompt_embeds.")
-        length = max(pos_mask.shape[1], neg_mask.shape[1])
-        pos, pos_mask = _pad_text(pos, pos_mask, length)
-        neg, neg_mask = _pad_text(neg, neg_mask, length)
-        return [np.concatenate([p, n]) for p, n in zip(pos, neg)], np.concatenate([pos_mask, neg_mask])
+        return _cfg_batch(pos, pos_mask, neg, neg_mask)
 
     def _embeds_mask(self, feats, mask, name) -> np.ndarray:
         n = self.dit_config.num_text_layers
