@@ -70,11 +70,10 @@ def load_components(root: Path, dtype, keep_mxfp4: bool | None = None, mesh=None
 
     if is_converted(root):
         return load_converted(root, dtype, keep_mxfp4=keep_mxfp4, mesh=mesh, fsdp=fsdp)
-    from convert.text_encoder import convert_text_encoder
     from convert.transformer import convert_transformer
     from convert.vae import convert_vae
 
-    from .text_encoder import TextEncoder, check_selected_layers
+    from . import text_encoder as te_lib
 
     check_layout(root)
     dit_config, dit_params = convert_transformer(root / "transformer", dtype)
@@ -82,10 +81,7 @@ def load_components(root: Path, dtype, keep_mxfp4: bool | None = None, mesh=None
     selected = tuple(dit_config.selected_layer_index)
 
     def text_encoder_factory():
-        config, params = convert_text_encoder(
-            root / "text_encoder", dtype, keep_mxfp4=keep_mxfp4, num_layers=max(selected) + 1
-        )
-        return TextEncoder(config, jax.tree.map(jax.numpy.asarray, params), check_selected_layers(selected, max(selected) + 1))
+        return te_lib.load(root / "text_encoder", selected, dtype, keep_mxfp4=keep_mxfp4)
 
     return assemble_components(root, (dit_config, dit_params), (vae_config, vae_params), text_encoder_factory)
 
