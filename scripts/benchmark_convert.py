@@ -104,7 +104,7 @@ def build_source(model: str, layers: int, root: Path) -> tuple[list[str], int]:
 
     src = root / "src"
     if model == "dit":
-        from convert.transformer import DIT_RULES, dit_expected_shapes
+        from lens_jax.weights.dit import dit_expected_shapes, dit_rules
         from lens_jax.transformer import TransformerConfig
 
         cfg = configs.load_json("lens/transformer.json")
@@ -113,7 +113,7 @@ def build_source(model: str, layers: int, root: Path) -> tuple[list[str], int]:
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
         config = TransformerConfig.from_dict(cfg)
-        tensors = source_tensors(DIT_RULES, dit_expected_shapes(config, jnp.bfloat16))
+        tensors = source_tensors(dit_rules(config), dit_expected_shapes(config, jnp.bfloat16))
         size = write_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors)
         return ["--components", "transformer"], size
     if model == "text_encoder":

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lens_jax.cli import main
+from lens_jax.tools.cli import main
 
 ROOT = Path(__file__).parent.parent
 
@@ -65,7 +65,7 @@ def test_quickstart_notebook_runs():
 
 
 def test_gpu_xla_flag_default_respects_the_user(monkeypatch):
-    from lens_jax import cli
+    from lens_jax.tools import cli
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     cli._default_xla_flags()

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import convert.__main__ as cli
-from convert import orbax_io
-from convert.text_encoder import convert_text_encoder
-from convert.transformer import convert_transformer
-from convert.vae import convert_vae
-from lens_jax.pipeline import LensPipeline
+import lens_jax.tools.convert as cli
+from lens_jax.weights import orbax_io
+from lens_jax.weights.text_encoder import convert_text_encoder
+from lens_jax.weights.dit import convert_transformer
+from lens_jax.weights.vae import convert_vae
+from lens_jax import LensPipeline
 
 from .conftest import FIXTURES
 
@@ -382,7 +382,7 @@ def test_verify_detects_a_differing_source(tmp_path, converted):
 
 
 def test_lens_jax_convert_dispatches_here(tmp_path, capsys):
-    from lens_jax.cli import main as lens_jax_main
+    from lens_jax.tools.cli import main as lens_jax_main
 
     assert lens_jax_main(["convert", "--src", str(TINY), "--dst", str(tmp_path / "out"), "--components", "vae",
                           "--dtype", "f32", "--no-progress"]) == 0
@@ -398,15 +398,23 @@ _SHARDED_CHECK = textwrap.dedent('''
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
-    from convert import orbax_io
-    from lens_jax import sharding as sh
-    from lens_jax.pipeline import LensPipeline
+    from lens_jax.weights import orbax_io
+    from lens_jax import parallel as sh
+    from lens_jax import LensPipeline
 
     out, latents_file = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 8, jax.devices()
 
+    from lens_jax.models import text_encoder as te_model
+    from lens_jax.models import transformer as dit_model
+
     def check(tree, mesh, fsdp):
-        want = sh.param_shardings(tree, mesh, fsdp)
+        if not fsdp:
+            want = sh.replicated_shardings(tree, mesh)
+        elif "transformer_blocks" in tree:
+            want = sh.logical_shardings(tree, dit_model.param_axes(pipe_config(out)), mesh)
+        else:
+            want = sh.logical_shardings(tree, te_model.param_axes(te_config(out), params=tree), mesh)
         split, n = 0, 0
         for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(want)):
             assert leaf.sharding.is_equivalent_to(s, leaf.ndim), (leaf.shape, leaf.sharding, s)
@@ -414,6 +422,12 @@ _SHARDED_CHECK = textwrap.dedent('''
             split += shard != leaf.shape
             n += 1
         return split, n
+
+    def pipe_config(root):
+        return dit_model.TransformerConfig.from_json(f"{root}/transformer/config.json")
+
+    def te_config(root):
+        return te_model.TextEncoderConfig.from_json(f"{root}/text_encoder/config.json")
 
     report = {}
     for data, fsdp in ((2, 4), (1, 8)):
@@ -460,5 +474,5 @@ def test_sharded_restore_under_8_devices_without_torch(tmp_path, converted, refe
         assert r["dit"][0] > 0 and r["te"][0] > 0, r  # some leaves really are split over the fsdp axis
         assert r["vae"][0] == 0, r  # the VAE is replicated
         assert r["pipe_dit"] == r["dit"] and r["pipe_te"][0] > 0, r
-        assert "fsdp" in r["kernel_spec"] and r["kernel_shard"] == [2, 32, 96 // fsdp], r
+        assert "fsdp" in r["kernel_spec"] and r["kernel_shard"] == [2, 32 // fsdp, 3, 2, 16], r
     assert report["2x4"]["max_abs_diff"] <= 1e-5

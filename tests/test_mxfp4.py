@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert.text_encoder import MXFP4_DEQUANT
-from lens_jax import mxfp4
+from lens_jax.weights.text_encoder import MXFP4_DEQUANT
+from lens_jax.models import mxfp4
 
 torch = pytest.importorskip("torch")
 hf_mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lens_jax import prompt as prompt_lib
-from lens_jax import sampler as sampler_lib
-from lens_jax.checkpoints import CheckpointNotFoundError
-from lens_jax.pipeline import LensPipeline
-from lens_jax.scheduler import schedule
+from lens_jax.pipelines import prompt as prompt_lib
+from lens_jax.sampling import sampler as sampler_lib
+from lens_jax.errors import CheckpointNotFoundError
+from lens_jax import LensPipeline
+from lens_jax.sampling.scheduler import schedule
 
 from .conftest import FIXTURES, cosine
 
@@ -77,12 +77,13 @@ def test_guidance_one_skips_uncond_and_equals_full_cfg(pipe):
     sigmas, timesteps = schedule(3, 20)
     results = []
     for use_cfg in (False, True):
-        spec = sampler_lib.SamplerSpec(pipe.dit_config, pipe.vae_config, (4, 5), 3, use_cfg, False, False, False,
+        spec = sampler_lib.SamplerSpec(pipe.dit_config, pipe.vae_config, (4, 5), 3, use_cfg, False, False,
                                        jnp.dtype(jnp.float32), None)
         f = [np.concatenate([x, np.zeros_like(x)]) for x in feats] if use_cfg else feats
         m = np.concatenate([mask, np.zeros_like(mask)]) if use_cfg else mask
         final, _, _ = jax.jit(lambda *a, s=spec: sampler_lib.sample(s, *a))(
-            pipe.dit_params, pipe.vae_params, _latents(0, 1), f, m, sigmas, timesteps, jnp.float32(1.0))
+            pipe.dit_params, pipe.vae_params, _latents(0, 1), f, m, sigmas, timesteps, jnp.float32(1.0),
+            jnp.int32(0))
         results.append(np.asarray(final))
     np.testing.assert_allclose(results[0], results[1], atol=1e-5, rtol=0)
     # The pipeline's fast path runs only the conditional half: one text row per image.

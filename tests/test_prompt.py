@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from lens_jax import prompt as P
+from lens_jax.pipelines import prompt as P
 
 from .conftest import FIXTURES
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.numpy import load_file
 
-from lens_jax.scheduler import SchedulerConfig, compute_empirical_mu, euler_step, schedule
+from lens_jax.sampling.scheduler import SchedulerConfig, compute_empirical_mu, euler_step, schedule
 
 from .conftest import FIXTURES
 

@@ -17,9 +17,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from convert.safetensors_io import CheckpointError
+from lens_jax.errors import CheckpointError
 from lens_jax import text_encoder as te_mod
-from lens_jax.prompt import encode_prompts, load_tokenizer, read_txt_offset
+from lens_jax.models import text_encoder as te_model
+from lens_jax.pipelines.prompt import encode_prompts, load_tokenizer, read_txt_offset
 
 from .conftest import FIXTURES
 
@@ -176,7 +177,7 @@ def test_rope_inv_freq_matches_transformers(parity_case):
     config = te_mod.TextEncoderConfig.from_json(parity_case["folder"] / "config.json")
     hf = parity_case["model"].config
     ref_inv, ref_scale = ROPE_INIT_FUNCTIONS[hf.rope_parameters["rope_type"]](hf)
-    inv, scale = te_mod.rope_inv_freq(config)
+    inv, scale = te_model.rope_inv_freq(config)
     np.testing.assert_allclose(inv, ref_inv.numpy(), rtol=1e-6, atol=0)
     assert scale == pytest.approx(ref_scale, rel=1e-12)
 
@@ -202,7 +203,7 @@ def test_rope_variants_match_transformers(rope):
             .compute_default_rope_parameters(hf)
     else:
         ref_inv, ref_scale = ROPE_INIT_FUNCTIONS[rope_type](hf)
-    inv, scale = te_mod.rope_inv_freq(config)
+    inv, scale = te_model.rope_inv_freq(config)
     np.testing.assert_allclose(inv, ref_inv.numpy(), rtol=1e-6, atol=0)
     assert scale == pytest.approx(ref_scale, rel=1e-12)
 
@@ -231,11 +232,11 @@ def test_padded_query_without_visible_key_gets_sink_only():
     s = 8
     mask = np.ones((1, s), bool)
     mask[0, 2:] = False
-    full, sliding = te_mod.attention_masks(jnp.asarray(mask), config.sliding_window)
+    full, sliding = te_model.attention_masks(jnp.asarray(mask), config.sliding_window)
     assert not bool(sliding[0, 7].any()) and bool(full[0, 7, :2].all())
     x = jnp.asarray(rng.normal(0, 1, (1, s, config.hidden_size)), jnp.float32)
-    cos, sin = te_mod.rope_cos_sin(config, s)
-    out = jax.jit(te_mod.attention, static_argnums=5)(p, x, cos, sin, sliding, config)
+    cos, sin = te_model.rope_cos_sin(config, s)
+    out = jax.jit(te_model.attention, static_argnums=5)(p, x, cos, sin, sliding, config)
     np.testing.assert_allclose(np.asarray(out[0, 7]), np.asarray(p["o_proj"]["bias"]), rtol=0, atol=1e-6)
     assert np.isfinite(np.asarray(out)).all()
 
@@ -282,10 +283,10 @@ def test_golden_mxfp4_packed_and_dequantised(tiny_packed, golden):
 
 def test_golden_rope_tables(golden):
     config = te_mod.TextEncoderConfig.from_json(TINY / "text_encoder" / "config.json")
-    inv, scale = te_mod.rope_inv_freq(config)
+    inv, scale = te_model.rope_inv_freq(config)
     np.testing.assert_allclose(inv, golden["yarn_inv_freq"], rtol=1e-6)
     assert scale == pytest.approx(0.1 * np.log(32) + 1, rel=1e-12)
-    cos, sin = te_mod.rope_cos_sin(config, golden["input_ids"].shape[1])
+    cos, sin = te_model.rope_cos_sin(config, golden["input_ids"].shape[1])
     np.testing.assert_allclose(np.asarray(cos), golden["debug_rope_cos"][0], atol=1e-5)
     np.testing.assert_allclose(np.asarray(sin), golden["debug_rope_sin"][0], atol=1e-5)
 
@@ -359,7 +360,7 @@ def test_bad_checkpoint_keys(tmp_path, damage):
 
 def test_mxfp4_dequantised_conversion_is_bit_equal_to_the_float_checkpoint():
     """The float golden folder holds exactly transformers' dequantisation of the MXFP4 one."""
-    from convert.text_encoder import convert_text_encoder
+    from lens_jax.weights.text_encoder import convert_text_encoder
 
     _, deq = convert_text_encoder(TINY / "text_encoder_mxfp4", np.float32, keep_mxfp4=False)
     _, ref = convert_text_encoder(TINY / "text_encoder", np.float32)

@@ -12,7 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lens_jax.transformer as T
-from convert.safetensors_io import CheckpointError
+from lens_jax.models.nn import dense
+from lens_jax.errors import CheckpointError
 
 from .conftest import FIXTURES, cosine
 
@@ -57,7 +58,7 @@ def test_submodules_match_golden(tr, io):
     rope = T.rope_tables(c, 3, 5, 9)
     for name in ("img_cos", "img_sin", "txt_cos", "txt_sin"):
         np.testing.assert_allclose(rope[name], io[f"debug_rope_{name}"], atol=1e-6, rtol=0)
-    img = T.dense(jnp.asarray(io["hidden_states"]), p["img_in"])
+    img = dense(jnp.asarray(io["hidden_states"]), p["img_in"])
     np.testing.assert_allclose(img, io["debug_img_in"], atol=1e-5, rtol=0)
     txt = T.embed_text(p, [jnp.asarray(f) for f in _features(io)], jnp.float32)
     np.testing.assert_allclose(txt, io["debug_txt_in"], atol=1e-4, rtol=0)
@@ -136,7 +137,7 @@ def test_input_validation(tr, io):
 
 def test_stacked_scan_params(tr):
     blocks = tr.params["transformer_blocks"]
-    assert blocks["attn"]["img_qkv"]["kernel"].shape == (2, 32, 96)
+    assert blocks["attn"]["img_qkv"]["kernel"].shape == (2, 32, 3, 2, 16)  # [layers, d, q|k|v, heads, head_dim]
     assert blocks["img_mlp"]["w1"]["kernel"].shape == (2, 32, 85)
     assert tr.params["txt_norm"]["weight"].shape == (4, 64)
 

@@ -19,10 +19,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import lens_jax.vae as V
-from convert.safetensors_io import CheckpointError
-from convert.vae import BFL, DIFFUSERS, convert_vae
-from lens_jax.vae.layers import single_head_attention
-from lens_jax.vae.tiling import blend_tiles, tile_starts
+from lens_jax.errors import CheckpointError
+from lens_jax.weights.vae import BFL, DIFFUSERS, convert_vae
+from lens_jax.models.vae.layers import single_head_attention
+from lens_jax.models.vae.tiling import blend_tiles, tile_starts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_VAE = FIXTURES / "tiny_lens" / "vae"

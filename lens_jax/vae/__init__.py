@@ -1,20 +1,13 @@
-"""FLUX.2 VAE (diffusers `AutoencoderKLFlux2`) in pure-functional JAX, and Lens' latent packing.
+"""FLUX.2 VAE (diffusers `AutoencoderKLFlux2`) and Lens' latent packing, public entry point.
 
-Entry point: `vae = lens_jax.vae.load(path, dtype)`, with NCHW methods `decode`, `encode`,
-`decode_tokens`, `encode_to_tokens`. Pure NHWC functions for use inside a jit:
-`decode(params, config, z)`, `encode(params, config, x)`, `decode_tokens(params, config, tokens, h, w)`,
-`encode_to_tokens(params, config, image)` and the packing helpers.
+    vae = lens_jax.vae.load("Lens/vae")
+    image = vae.decode_tokens(tokens, latent_h, latent_w)      # [B, 3, 16h, 16w] in [-1, 1]
+
+The network lives in `lens_jax.models.vae`, its checkpoint mappings in `lens_jax.weights.vae`.
 """
 
-from .api import VAE, decode_tokens, encode_to_tokens, latent_to_tokens, load, tokens_to_latent
-from .config import VAEConfig
-from .model import decode, decoder, encode, encode_moments, encoder, init_params
-from .packing import denormalize, normalize, pack, patchify, unpack, unpatchify
-from .tiling import Tiling
+from ..models.vae import *  # noqa: F401,F403
+from ..models.vae import __all__ as _model_names
+from ..weights.vae import load  # noqa: F401
 
-__all__ = [
-    "VAE", "VAEConfig", "Tiling", "load", "init_params",
-    "encode", "encode_moments", "decode", "encoder", "decoder",
-    "decode_tokens", "encode_to_tokens", "tokens_to_latent", "latent_to_tokens",
-    "patchify", "unpatchify", "pack", "unpack", "normalize", "denormalize",
-]
+__all__ = [*_model_names, "load"]

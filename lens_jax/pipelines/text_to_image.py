@@ -23,27 +23,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import configs, parallel
+from ..models import transformer as dit
+from ..models.dtypes import resolve_dtype
+from ..sampling import sampler as sampler_lib
+from ..sampling.resolution import PIXELS_PER_TOKEN, resolve_size
+from ..sampling.scheduler import SchedulerConfig, schedule
+from ..weights import hub, registry
+from . import components as components_lib
 from . import prompt as prompt_lib
-from . import sampler as sampler_lib
-from . import sharding as sh
-from . import transformer as dit
-from .dtypes import resolve_dtype
-from .resolution import PIXELS_PER_TOKEN, resolve_size
-from .scheduler import SchedulerConfig, schedule
 
-__all__ = ["LensPipeline", "LensPipelineOutput", "UPSTREAM_DEFAULTS", "load_preset", "COMPONENTS"]
+__all__ = ["LensPipeline", "LensPipelineOutput", "UPSTREAM_DEFAULTS", "load_preset"]
 
 TEXT_BUCKET = 64
 UPSTREAM_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
-COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 def load_preset(variant: str) -> dict:
-    """Sampling defaults of a published variant (configs/presets.json): lens, lens-base, lens-turbo."""
-    from configs import load_json
-
-    presets = load_json("presets.json")
+    """Sampling defaults of a published variant (lens_jax/configs/presets.json): lens, lens-base, lens-turbo."""
+    presets = configs.load_json("presets.json")
     if variant not in presets:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(presets)}.")
     return presets[variant]
@@ -58,12 +57,6 @@ class LensPipelineOutput:
     trajectory: np.ndarray | None = None  # [steps, B, h*w, C] when asked for
     text_features: list[np.ndarray] | None = None
     text_mask: np.ndarray | None = None
-
-
-@dataclass
-class _Component:
-    config: Any
-    params: Any
 
 
 def _round_up(n: int, m: int) -> int:
@@ -100,14 +93,15 @@ class LensPipeline:
 
     def __init__(
         self,
-        transformer: _Component,
-        vae: _Component,
+        transformer: components_lib.Component,
+        vae: components_lib.Component,
         tokenizer: Any,
         text_encoder_factory: Callable[[], Any],
         *,
         scheduler_config: SchedulerConfig | None = None,
         txt_offset: int = prompt_lib.REAL_TXT_OFFSET,
         mesh: jax.sharding.Mesh | None = None,
+        rules: parallel.ShardingRules | None = None,
         dtype=None,
         keep_text_encoder: bool | None = None,
         template_date: str = prompt_lib.DEFAULT_DATE,
@@ -115,14 +109,22 @@ class LensPipeline:
         fsdp: bool = True,
         name: str = "",
     ):
-        self.mesh = mesh if mesh is not None else sh.make_mesh()
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        self.rules = rules or parallel.DEFAULT_RULES
         self.dtype = resolve_dtype(dtype)
         self.dit_config = transformer.config
         self.vae_config = vae.config
-        self._dit_shardings = sampler_lib.ShardingTree(sh.param_shardings(transformer.params, self.mesh, fsdp))
-        self._vae_shardings = sampler_lib.ShardingTree(sh.param_shardings(vae.params, self.mesh, fsdp=False))
-        self.dit_params = sh.put_tree(transformer.params, self._dit_shardings.tree)
-        self.vae_params = sh.put_tree(vae.params, self._vae_shardings.tree)
+        dit_spec = registry.component("transformer")
+        dit_shardings = (
+            parallel.logical_shardings(transformer.params, dit_spec.param_axes(self.dit_config), self.mesh, self.rules)
+            if fsdp else parallel.replicated_shardings(transformer.params, self.mesh)
+        )
+        self._dit_shardings = sampler_lib.ShardingTree(dit_shardings)
+        self._vae_shardings = sampler_lib.ShardingTree(parallel.replicated_shardings(vae.params, self.mesh))
+        self.dit_params = parallel.put_tree(transformer.params, self._dit_shardings.tree)
+        self.vae_params = parallel.put_tree(vae.params, self._vae_shardings.tree)
+        # Activation constraints only where a mesh axis can split something.
+        self._activation_sharding = self.rules.bind(self.mesh) if self.mesh.size > 1 else None
         self.tokenizer = tokenizer
         self._text_encoder_factory = text_encoder_factory
         self._text_encoder = None
@@ -143,6 +145,7 @@ class LensPipeline:
         dtype=None,
         mesh: jax.sharding.Mesh | None = None,
         *,
+        rules: parallel.ShardingRules | None = None,
         variant: str | None = None,
         keep_text_encoder: bool | None = None,
         keep_mxfp4: bool | None = None,
@@ -155,31 +158,27 @@ class LensPipeline:
         dtype: None = bf16 on GPU/TPU, f32 on CPU. variant: 'lens' | 'lens-base' | 'lens-turbo'
         sets the default steps/guidance (otherwise upstream's call defaults, 50 and 4.0).
         """
-        from . import checkpoints
-
-        root = checkpoints.resolve_checkpoint(path_or_repo_id, revision=revision)
+        root = hub.resolve_checkpoint(path_or_repo_id, revision=revision)
         dtype = resolve_dtype(dtype)
-        mesh = mesh if mesh is not None else sh.make_mesh()
-        parts = checkpoints.load_components(root, dtype, keep_mxfp4=keep_mxfp4, mesh=mesh, fsdp=fsdp)
+        mesh = mesh if mesh is not None else parallel.make_mesh()
+        parts = components_lib.load_components(root, dtype, keep_mxfp4=keep_mxfp4, mesh=mesh, fsdp=fsdp, rules=rules)
         defaults = load_preset(variant) if variant else None
-        return cls(
-            parts["transformer"], parts["vae"], parts["tokenizer"], parts["text_encoder_factory"],
-            scheduler_config=parts["scheduler"], txt_offset=parts["txt_offset"], mesh=mesh, dtype=dtype,
-            keep_text_encoder=keep_text_encoder, template_date=template_date, defaults=defaults, fsdp=fsdp,
-            name=str(path_or_repo_id),
+        return cls.from_components(
+            parts, mesh=mesh, rules=rules, dtype=dtype, keep_text_encoder=keep_text_encoder,
+            template_date=template_date, defaults=defaults, fsdp=fsdp, name=str(path_or_repo_id),
         )
+
+    @classmethod
+    def from_components(cls, parts: components_lib.Components, **kwargs) -> "LensPipeline":
+        """A pipeline from loaded `Components` (`lens_jax.pipelines.components`)."""
+        return cls(parts.transformer, parts.vae, parts.tokenizer, parts.text_encoder_factory,
+                   scheduler_config=parts.scheduler, txt_offset=parts.txt_offset, **kwargs)
 
     @classmethod
     def tiny_random(cls, seed: int = 0, dtype=jnp.float32, mesh=None, **kwargs) -> "LensPipeline":
         """A tiny randomly initialised Lens (offline; its pictures are noise) for smoke tests."""
-        from . import checkpoints
-
-        parts = checkpoints.tiny_random_components(seed, resolve_dtype(dtype))
-        return cls(
-            parts["transformer"], parts["vae"], parts["tokenizer"], parts["text_encoder_factory"],
-            scheduler_config=parts["scheduler"], txt_offset=parts["txt_offset"], mesh=mesh, dtype=dtype,
-            name="tiny-random", **kwargs,
-        )
+        parts = components_lib.tiny_random_components(seed, resolve_dtype(dtype))
+        return cls.from_components(parts, mesh=mesh, dtype=dtype, name="tiny-random", **kwargs)
 
     # ------------------------------------------------------------------ text
 
@@ -187,7 +186,10 @@ class LensPipeline:
     def text_encoder(self):
         """The text encoder, (re)loaded onto the devices on first use."""
         if self._text_encoder is None:
-            self._text_encoder = self._text_encoder_factory()
+            te = self._text_encoder_factory()
+            if self._activation_sharding is not None:
+                te.sharding = self._activation_sharding
+            self._text_encoder = te
         return self._text_encoder
 
     def release_text_encoder(self) -> None:
@@ -205,14 +207,9 @@ class LensPipeline:
         the padding is masked and, the encoder being causal, changes no valid feature.
         """
         prompts = _as_list(prompts, "prompt")
-        tokens = prompt_lib.tokenize_prompts(self.tokenizer, prompts, max_sequence_length, self.template_date)
-        ids, mask = tokens.input_ids, tokens.attention_mask
-        padded = _round_up(ids.shape[1], TEXT_BUCKET)
-        ids = np.pad(ids, ((0, 0), (0, padded - ids.shape[1])), constant_values=self.tokenizer.pad_token_id)
-        mask = np.pad(mask, ((0, 0), (0, padded - mask.shape[1])))
-        hidden = self.text_encoder(ids, mask)
-        feats, feat_mask = prompt_lib.slice_features(hidden, mask, self.txt_offset)
-        return [np.asarray(f, np.float32) for f in feats], np.asarray(feat_mask, bool)
+        enc = prompt_lib.encode_prompts(self.text_encoder, self.tokenizer, prompts, self.txt_offset,
+                                        max_sequence_length, self.template_date, bucket=TEXT_BUCKET)
+        return [parallel.to_host(f).astype(np.float32) for f in enc.features], parallel.to_host(enc.mask).astype(bool)
 
     def _conditioning(self, prompts, negatives, use_cfg, max_sequence_length):
         pos, pos_mask = self.encode_prompt(prompts, max_sequence_length)
@@ -278,33 +275,33 @@ class LensPipeline:
         sigmas, timesteps = schedule(steps, h * w, self.scheduler_config)
         spec = sampler_lib.SamplerSpec(
             self.dit_config, self.vae_config, (h, w), steps, use_cfg, output_type != "latent", return_trajectory,
-            callback is not None, jnp.dtype(self.dtype), dit.default_attention_impl(self.dtype),
+            jnp.dtype(self.dtype), dit.default_attention_impl(self.dtype), self._activation_sharding,
         )
-        fn = sampler_lib.build_sampler(spec, self.mesh, self._dit_shardings, self._vae_shardings, batch, mask.shape[0])
-        dtype = self.dtype
+        programs = sampler_lib.build_programs(spec, self.mesh, self._dit_shardings, self._vae_shardings, batch,
+                                              mask.shape[0])
+        dtype, mesh = self.dtype, self.mesh
+        rep = parallel.replicated(mesh)
         args = (
-            sh.put(latents, sh.batch_sharding(self.mesh, batch, 3)),
-            [sh.put(f.astype(dtype), sh.batch_sharding(self.mesh, mask.shape[0], 3)) for f in feats],
-            sh.put(mask, sh.batch_sharding(self.mesh, mask.shape[0], 2)),
-            sh.put(sigmas, sh.replicated(self.mesh)),
-            sh.put(timesteps, sh.replicated(self.mesh)),
-            sh.put(np.float32(guidance), sh.replicated(self.mesh)),
+            parallel.put(latents, parallel.batch_sharding(mesh, batch, 3)),
+            [parallel.put(f.astype(dtype), parallel.batch_sharding(mesh, mask.shape[0], 3)) for f in feats],
+            parallel.put(mask, parallel.batch_sharding(mesh, mask.shape[0], 2)),
+            parallel.put(sigmas, rep),
+            parallel.put(timesteps, rep),
+            parallel.put(np.float32(guidance), rep),
+            parallel.put(np.int32(0), rep),
         )
-        sampler_lib.set_progress_callback(callback)
-        try:
-            final, image, trajectory = fn(self.dit_params, self.vae_params, *args)
-            final = sh.to_host(final)
-        finally:
-            sampler_lib.set_progress_callback(None)
+        final, image, trajectory = sampler_lib.run(programs, spec, self.dit_params, self.vae_params, *args,
+                                                   callback=callback)
+        final = parallel.to_host(final)
         if output_type == "latent":
             images = final
         else:
-            images = sh.to_host(image).astype(np.float32)
+            images = parallel.to_host(image).astype(np.float32)
             if output_type == "pil":
                 images = _to_pil(images)
         return LensPipelineOutput(
             images=images, latents=final,
-            trajectory=None if trajectory is None else sh.to_host(trajectory),
+            trajectory=None if trajectory is None else parallel.to_host(trajectory),
             text_features=feats, text_mask=mask,
         )
 

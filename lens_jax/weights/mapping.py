@@ -21,11 +21,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
-from .safetensors_io import CheckpointError, SafetensorsReader
+from ..errors import CheckpointError
+from .safetensors_io import SafetensorsReader
 
 __all__ = [
     "Transform", "Rule", "COPY", "LINEAR", "CONV2D", "convert_state_dict", "check_state_dict", "read_target",
-    "expected_shapes", "unflatten",
+    "expected_shapes", "unflatten", "to_state_dict",
 ]
 
 Shape = tuple[int, ...]
@@ -38,14 +39,17 @@ class Transform:
     name: str
     source_shapes: Callable[[Shape], tuple[Shape, ...]]
     apply: Callable[..., np.ndarray]
+    # target -> source (single-source transforms); what export to PyTorch uses
+    inverse: Callable[[np.ndarray], np.ndarray] | None = None
 
 
-COPY = Transform("copy", lambda t: (t,), lambda x: x)
+COPY = Transform("copy", lambda t: (t,), lambda x: x, lambda x: x)
 # torch.nn.Linear stores [out, in]; we keep Flax's [in, out] "kernel".
-LINEAR = Transform("linear", lambda t: (t[::-1],), lambda x: x.T)
+LINEAR = Transform("linear", lambda t: (t[::-1],), lambda x: x.T, lambda x: x.T)
 # torch Conv2d OIHW -> Flax/lax HWIO.
 CONV2D = Transform(
-    "conv2d", lambda t: ((t[3], t[2], t[0], t[1]),), lambda x: np.transpose(x, (2, 3, 1, 0))
+    "conv2d", lambda t: ((t[3], t[2], t[0], t[1]),), lambda x: np.transpose(x, (2, 3, 1, 0)),
+    lambda x: np.transpose(x, (3, 2, 0, 1)),
 )
 
 
@@ -179,6 +183,27 @@ def read_target(reader: SafetensorsReader, plan: _Plan, *, source_prefix: str = 
             )
         dst[...] = value  # casts to the target dtype in place
     return arr
+
+
+def to_state_dict(params: Mapping, rules: Sequence[Rule], *, prefix: str = "") -> dict[str, np.ndarray]:
+    """The inverse of `convert_state_dict`: a JAX pytree (or a gradient of one) -> PyTorch names and layouts.
+
+    Stacked targets are split back into one tensor per layer; every rule must have an inverse.
+    """
+    flat = traverse_util.flatten_dict(params, sep=".")
+    out: dict[str, np.ndarray] = {}
+    for rule in rules:
+        if rule.target not in flat:
+            raise KeyError(f"the parameter tree has no {rule.target!r}")
+        if rule.transform.inverse is None or len(rule.sources) != 1:
+            raise ValueError(f"rule for {rule.target!r} ({rule.transform.name}) has no inverse")
+        value = np.asarray(flat[rule.target])
+        if rule.stacked:
+            for i in range(value.shape[0]):
+                out[prefix + rule.sources[0].format(i=i)] = np.ascontiguousarray(rule.transform.inverse(value[i]))
+        else:
+            out[prefix + rule.sources[0]] = np.ascontiguousarray(rule.transform.inverse(value))
+    return out
 
 
 def convert_state_dict(

@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lens_jax.nn import dense
+from ..nn import dense
 
 Params = dict
 

@@ -23,11 +23,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from lens_jax.vae.config import VAEConfig
-from lens_jax.vae.model import init_params
+from ..errors import CheckpointError
+from ..models.vae.config import VAEConfig
+from ..models.dtypes import resolve_dtype
+from ..models.vae.api import VAE
+from ..models.vae.model import init_params
 
 from .mapping import CONV2D, COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, unflatten
-from .safetensors_io import CheckpointError, open_checkpoint
+from .safetensors_io import open_checkpoint
 
 __all__ = ["Layout", "DIFFUSERS", "BFL", "LAYOUTS", "vae_rules", "detect_layout", "convert_vae", "IGNORE"]
 
@@ -216,3 +219,13 @@ def convert_vae(path: str | os.PathLike, dtype=jnp.float32, *, config: VAEConfig
     flat = convert_state_dict(reader, vae_rules(config, layout), expected_shapes(abstract), ignore=IGNORE,
                               what=f"VAE checkpoint ({layout.name} layout)")
     return config, unflatten(flat)
+
+
+def load(path: str | os.PathLike, dtype=jnp.float32, *, config: VAEConfig | None = None) -> VAE:
+    """Load a FLUX.2 VAE from a diffusers `vae/` folder (config.json + safetensors).
+
+    Also accepts a single safetensors file in diffusers or original BFL (`ae.safetensors`)
+    naming; without a config.json beside it, `config` (default: the real FLUX.2 config) is used.
+    """
+    cfg, params = convert_vae(path, resolve_dtype(dtype), config=config)
+    return VAE(jax.device_put(params), cfg)

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from .safetensors_io import CheckpointError, SafetensorsReader
+from ..errors import CheckpointError
+from .safetensors_io import SafetensorsReader
 
 __all__ = [
     "DIT_MARKERS",

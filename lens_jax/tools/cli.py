@@ -56,7 +56,7 @@ def _enable_compilation_cache() -> None:
 
 
 def _load_pipeline(args):
-    from lens_jax.pipeline import LensPipeline, load_preset
+    from lens_jax.pipelines.text_to_image import LensPipeline, load_preset
 
     if args.model == TINY_RANDOM:
         print("note: --model tiny-random uses a tiny randomly initialised model; its picture is noise.",
@@ -89,7 +89,7 @@ def _save_png(image, path: Path, metadata: dict) -> None:
 def generate(args) -> int:
     from tqdm.auto import tqdm
 
-    from lens_jax.resolution import resolve_size
+    from lens_jax.sampling.resolution import resolve_size
 
     # Validate cheap arguments before loading anything.
     height, width = resolve_size(args.height, args.width, args.base_resolution, args.aspect_ratio)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("version", help="print the version")
     args, rest = parser.parse_known_args(argv)
     if args.command == "convert":
-        from convert.__main__ import main as convert_main
+        from lens_jax.tools.convert import main as convert_main
 
         return convert_main(rest)
     if rest:

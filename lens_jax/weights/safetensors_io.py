@@ -20,6 +20,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from ..errors import CheckpointError
+
 __all__ = ["CheckpointError", "TensorInfo", "SafetensorsReader", "open_checkpoint", "find_weight_files"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -41,8 +43,6 @@ _DTYPES: dict[str, np.dtype] = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed, truncated, of an unsupported format or mismatched."""
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lens_jax.dtypes import resolve_dtype
-
 from . import model
 from .config import VAEConfig
 from .layers import ATTENTION_QUERY_CHUNK
 from .packing import denormalize, normalize, pack, patchify, unpack, unpatchify
 from .tiling import Tiling
 
-__all__ = ["tokens_to_latent", "latent_to_tokens", "decode_tokens", "encode_to_tokens", "VAE", "load"]
+__all__ = ["tokens_to_latent", "latent_to_tokens", "decode_tokens", "encode_to_tokens", "VAE"]
 
 Params = dict
 
@@ -173,15 +171,3 @@ class VAE:
         image = _as_array(image)
         _check_image(image, self.config, "NCHW", multiple=self.config.token_factor)
         return _encode_to_tokens_jit(self.params, self.config, _nchw_to_nhwc(image))
-
-
-def load(path: str | os.PathLike, dtype=jnp.float32, *, config: VAEConfig | None = None) -> VAE:
-    """Load a FLUX.2 VAE from a diffusers `vae/` folder (config.json + safetensors).
-
-    Also accepts a single safetensors file in diffusers or original BFL (`ae.safetensors`)
-    naming; without a config.json beside it, `config` (default: the real FLUX.2 config) is used.
-    """
-    from convert.vae import convert_vae  # convert imports this package; import late to avoid a cycle
-
-    cfg, params = convert_vae(path, resolve_dtype(dtype), config=config)
-    return VAE(jax.device_put(params), cfg)

@@ -13,16 +13,21 @@ and not loaded: Lens uses raw decoder-layer outputs.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 from pathlib import Path
 
 import jax
 import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
-from lens_jax import mxfp4
+from ..errors import CheckpointError
+from ..models import mxfp4
+from ..models.dtypes import resolve_dtype
+from ..models.text_encoder import DEFAULT_SELECTED_LAYERS, TextEncoder, TextEncoderConfig, check_selected_layers, init_params
 
 from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, unflatten
-from .safetensors_io import CheckpointError, SafetensorsReader, open_checkpoint
+from .safetensors_io import SafetensorsReader, open_checkpoint
 
 __all__ = [
     "MXFP4_DEQUANT",
@@ -103,8 +108,6 @@ def source_layout(reader: SafetensorsReader) -> str:
 
 
 def text_encoder_expected_shapes(config, dtype, packed: bool) -> dict:
-    from lens_jax.text_encoder import init_params
-
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype, packed=packed))
     return expected_shapes(abstract)
 
@@ -145,8 +148,6 @@ def convert_text_encoder(path: str | os.PathLike, dtype=np.float32, keep_mxfp4: 
 
     The config returned is the checkpoint's full config even when `num_layers` truncates the params.
     """
-    from lens_jax.text_encoder import TextEncoderConfig
-
     folder = Path(path)
     if not folder.exists():
         raise CheckpointError(f"text encoder path {folder} does not exist.")
@@ -162,3 +163,28 @@ def convert_text_encoder(path: str | os.PathLike, dtype=np.float32, keep_mxfp4: 
     reader = open_checkpoint(folder)
     params = convert_text_encoder_weights(reader, config, dtype, keep_mxfp4, num_layers, progress)
     return config, params
+
+
+def resolve_folder(path: str | os.PathLike) -> Path:
+    """An HF GPT-OSS folder, or a Lens checkpoint root holding `text_encoder/`."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "text_encoder" / "config.json").exists():
+        return p / "text_encoder"
+    return p
+
+
+def load(path: str | os.PathLike, selected_layers: Sequence[int] = DEFAULT_SELECTED_LAYERS, dtype=jnp.float32,
+         keep_mxfp4: bool | None = None, moe_impl: str = "grouped", moe_chunk: int | None = None) -> TextEncoder:
+    """Load an HF-format GPT-OSS folder (config.json + safetensors; float or MXFP4 experts).
+
+    Only decoder layers 0..max(selected_layers) are read. `keep_mxfp4`: None keeps MXFP4 experts
+    packed (uint8 on the device, dequantised in the forward) when the checkpoint has them; False
+    dequantises them at load time to `dtype`; True requires an MXFP4 checkpoint. The checkpoint's
+    `model.norm.weight` and `lm_head.weight` are accepted and ignored.
+    """
+    folder = resolve_folder(path)
+    config = TextEncoderConfig.from_json(folder / "config.json")
+    sel = check_selected_layers(selected_layers, config.num_hidden_layers)
+    config, flat = convert_text_encoder(folder, resolve_dtype(dtype), keep_mxfp4=keep_mxfp4, num_layers=max(sel) + 1)
+    params = jax.tree.map(jnp.asarray, flat)
+    return TextEncoder(config, params, sel, moe_impl, moe_chunk)

@@ -199,9 +199,20 @@ class PromptFeatures:
 
 def encode_prompts(text_encoder: Any, tokenizer, prompts: str | Sequence[str], txt_offset: int = REAL_TXT_OFFSET,
                    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-                   date: str | _dt.date = DEFAULT_DATE) -> PromptFeatures:
-    """prompt(s) -> sliced multi-layer features and mask. `text_encoder(ids, mask)` -> list of [B, L, hidden]."""
+                   date: str | _dt.date = DEFAULT_DATE, bucket: int = 1) -> PromptFeatures:
+    """prompt(s) -> sliced multi-layer features and mask. `text_encoder(ids, mask)` -> list of [B, L, hidden].
+
+    `bucket` > 1 right-pads the token ids to a multiple of it (pad token, mask 0) so the encoder
+    compiles once per bucket; the encoder being causal, the padding changes no valid feature.
+    """
     tokens = tokenize_prompts(tokenizer, prompts, max_sequence_length, date)
+    extra = -tokens.input_ids.shape[1] % bucket
+    if extra:
+        tokens = TokenizedPrompts(
+            np.pad(tokens.input_ids, ((0, 0), (0, extra)), constant_values=tokenizer.pad_token_id),
+            np.pad(tokens.attention_mask, ((0, 0), (0, extra))),
+            tokens.texts,
+        )
     if tokens.input_ids.shape[1] <= txt_offset:
         warnings.warn(
             f"the tokenised prompts ({tokens.input_ids.shape[1]} tokens) do not reach txt_offset={txt_offset}; "

@@ -197,3 +197,9 @@ def decode(params: Params, config: VAEConfig, z: jax.Array, *, tiling: Tiling | 
     if tiling is None:
         return one_pass(z)
     return decode_tiled(one_pass, z, tiling, config.spatial_factor)
+
+
+def param_axes(config: VAEConfig) -> dict:
+    """Logical axes of every parameter: none (the VAE is small; it is replicated on every device)."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return jax.tree.map(lambda leaf: (None,) * leaf.ndim, abstract)

@@ -1,0 +1,638 @@
+"""Lens' text encoder: the GPT-OSS decoder used as a multi-layer feature extractor.
+
+Pure-functional JAX port of `transformers`' `GptOssModel` forward, stopped after the last
+selected decoder layer: no final norm, no LM head. Per layer: RMSNorm -> GQA attention with
+q/k/v/o biases, learned per-head sinks, YaRN RoPE (rotation over halves) and a sliding or
+full causal mask as `layer_types` says -> residual -> RMSNorm -> top-k MoE with the clamped,
+interleaved SwiGLU -> residual. Layers run under `lax.scan`, indexing the layer-stacked
+parameters in place (no per-call copy of the stack).
+
+Expert weights are either float ([L, E, in, out], transformers' layout) or kept in MXFP4
+(`*_blocks`/`*_scales` uint8 as on disk, dequantised inside the jitted forward one expert at a
+time), which keeps GPT-OSS-20B at about 13 GB instead of about 42 GB in bfloat16.
+
+MoE dispatch (`moe_impl`):
+  * "grouped" (default): token-expert pairs sorted by expert; a scan over experts runs each
+    expert's contiguous rows in fixed-size chunks (a while loop with a data-dependent trip
+    count), so the FLOPs follow the routed rows (plus at most one partial chunk per expert),
+    each expert's weights are read / dequantised at most once per layer and experts that
+    received no token are skipped. Works with plain XLA on every backend.
+  * "ragged": the same sorted rows through `jax.lax.ragged_dot`; fast only where XLA lowers
+    ragged dots natively (TPU; some GPU stacks). JAX 0.10 on CPU (and by default on GPU)
+    expands it to a dense masked product over all experts.
+  * "dense": every expert on every token (E/k times the FLOPs); reference and benchmarks only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import mxfp4
+from .dtypes import resolve_dtype
+from .axes import ACT_HEADS, BATCH, EMBED, EXPERTS, HEADS, KV_HEADS, MLP, VOCAB, Constrain, axes_from_table, constrain
+from .nn import dense, rms_norm
+
+Params = dict
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+MOE_IMPLS = ("grouped", "ragged", "dense")
+DEFAULT_SELECTED_LAYERS = (5, 11, 17, 23)
+
+# GptOssConfig's class defaults, applied when config.json has no rope_parameters/rope_scaling.
+_GPT_OSS_ROPE_DEFAULTS = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+_GPT_OSS_DEFAULT_THETA = 150000.0
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """RoPE parameters in transformers' `rope_parameters` vocabulary ("yarn" or "default")."""
+
+    rope_type: str = "yarn"
+    theta: float = _GPT_OSS_DEFAULT_THETA
+    factor: float | None = 32.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    original_max_position_embeddings: int = 4096
+    truncate: bool = False
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The GPT-OSS fields the encoder needs, read from an HF `config.json`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rms_norm_eps: float = 1e-5
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    attention_bias: bool = True
+    max_position_embeddings: int = 131072
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    quant_method: str | None = None
+    pad_token_id: int | None = None
+    eos_token_id: Any = None
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers."
+            )
+        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if bad:
+            raise ValueError(f"unsupported layer_types {bad}; expected {SLIDING!r} or {FULL!r}.")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_local_experts "
+                f"({self.num_local_experts})]."
+            )
+        if self.rope.rope_type not in ("yarn", "default"):
+            raise ValueError(f"unsupported rope_type {self.rope.rope_type!r}; expected 'yarn' or 'default'.")
+
+    @property
+    def num_key_value_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TextEncoderConfig":
+        model_type = d.get("model_type")
+        if model_type != "gpt_oss":
+            raise ValueError(
+                f"the text encoder config has model_type {model_type!r}; lens_jax.text_encoder supports only "
+                "GPT-OSS ('gpt_oss', e.g. openai/gpt-oss-20b or a Lens text_encoder/ folder)."
+            )
+        num_layers = int(d.get("num_hidden_layers", 36))
+        heads = int(d.get("num_attention_heads", 64))
+        hidden = int(d.get("hidden_size", 2880))
+        layer_types = d.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
+        quant = d.get("quantization_config") or {}
+        eos = d.get("eos_token_id")
+        return cls(
+            vocab_size=int(d.get("vocab_size", 201088)),
+            hidden_size=hidden,
+            intermediate_size=int(d.get("intermediate_size", 2880)),
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or hidden // heads),
+            num_local_experts=int(d.get("num_local_experts", d.get("num_experts", 128))),
+            num_experts_per_tok=int(d.get("num_experts_per_tok", d.get("experts_per_token", 4))),
+            sliding_window=int(d.get("sliding_window") or 128),
+            layer_types=tuple(layer_types),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            swiglu_limit=float(d.get("swiglu_limit", 7.0)),
+            swiglu_alpha=float(d.get("swiglu_alpha", 1.702)),
+            attention_bias=bool(d.get("attention_bias", True)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+            rope=_rope_from_dict(d),
+            quant_method=quant.get("quant_method"),
+            pad_token_id=d.get("pad_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "TextEncoderConfig":
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no text encoder config at {p}.") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON ({e}).") from None
+        return cls.from_dict(d)
+
+    def truncated(self, num_layers: int) -> "TextEncoderConfig":
+        """The same model with only its first `num_layers` decoder layers."""
+        return replace(self, num_hidden_layers=num_layers, layer_types=self.layer_types[:num_layers])
+
+
+def _rope_from_dict(d: Mapping[str, Any]) -> RopeConfig:
+    """Mirror transformers: `rope_parameters` (v5) or `rope_scaling` (v4 spelling, with a top-level
+    `rope_theta`); when both are absent GptOssConfig's YaRN defaults apply."""
+    rp = d.get("rope_parameters") or d.get("rope_scaling")
+    theta = d.get("rope_theta")
+    if not rp:
+        rp = dict(_GPT_OSS_ROPE_DEFAULTS)
+    else:
+        rp = dict(rp)
+        rp.setdefault("rope_type", rp.get("type", "default"))
+        # transformers' yarn code defaults `truncate` to True when the key is missing.
+        rp.setdefault("truncate", True)
+    theta = rp.get("rope_theta", theta if theta is not None else _GPT_OSS_DEFAULT_THETA)
+    factor = rp.get("factor")
+    return RopeConfig(
+        rope_type=str(rp["rope_type"]),
+        theta=float(theta),
+        factor=None if factor is None else float(factor),
+        beta_fast=float(rp.get("beta_fast") or 32.0),
+        beta_slow=float(rp.get("beta_slow") or 1.0),
+        original_max_position_embeddings=int(
+            rp.get("original_max_position_embeddings") or d.get("initial_context_length") or 4096
+        ),
+        truncate=bool(rp.get("truncate", True)),
+        attention_factor=rp.get("attention_factor"),
+        mscale=rp.get("mscale"),
+        mscale_all_dim=rp.get("mscale_all_dim"),
+    )
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(config: TextEncoderConfig) -> tuple[np.ndarray, float]:
+    """(inv_freq float32 [head_dim/2], attention_scaling), computed like transformers (float32)."""
+    r, dim = config.rope, config.head_dim
+    f32 = np.float32
+    pos_freqs = f32(r.theta) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim))
+    if r.rope_type == "default":
+        return (f32(1.0) / pos_freqs).astype(f32), 1.0
+    factor = r.factor if r.factor is not None else config.max_position_embeddings / r.original_max_position_embeddings
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if r.attention_factor is not None:
+        scaling = float(r.attention_factor)
+    elif r.mscale and r.mscale_all_dim:
+        scaling = float(mscale(factor, r.mscale) / mscale(factor, r.mscale_all_dim))
+    else:
+        scaling = mscale(factor)
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(r.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (
+            2 * math.log(r.theta)
+        )
+
+    low, high = correction_dim(r.beta_fast), correction_dim(r.beta_slow)
+    if r.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+    extrapolation = f32(1.0) / pos_freqs
+    interpolation = f32(1.0) / (f32(factor) * pos_freqs)
+    extrapolation_factor = f32(1.0) - ramp
+    inv_freq = interpolation * (f32(1.0) - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv_freq.astype(f32), scaling
+
+
+def rope_cos_sin(config: TextEncoderConfig, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """float32 cos/sin tables [seq_len, head_dim/2], both multiplied by the attention scaling."""
+    inv_freq, scaling = rope_inv_freq(config)
+    freqs = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    return jnp.cos(freqs) * jnp.float32(scaling), jnp.sin(freqs) * jnp.float32(scaling)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate halves: x [B, S, N, D], cos/sin [S, D/2]."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    c = cos[None, :, None, :].astype(x.dtype)
+    s = sin[None, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _expert_scale_byte(fan_in: int) -> int:
+    # E2M1 codes have an RMS of about 3, so this gives expert weights a std near fan_in**-0.5.
+    return int(mxfp4.SCALE_BIAS - round(math.log2(3.0 * math.sqrt(fan_in))))
+
+
+def init_params(config: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, packed: bool = False) -> Params:
+    """Random parameters (normal, std 1/sqrt(fan_in); sinks N(0, 1); small biases).
+
+    Norm weights are float32 whatever `dtype` (transformers keeps GPT-OSS norms in float32).
+    `packed=True` holds the experts as MXFP4 `*_blocks`/`*_scales` (uint8, on-disk layout).
+    """
+    dtype = resolve_dtype(dtype)
+    c = config
+    L, E, h, inter = c.num_hidden_layers, c.num_local_experts, c.hidden_size, c.intermediate_size
+    q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    keys = iter(jax.random.split(key, 32))
+
+    def normal(shape, std):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def linear(fan_in, fan_out, bias=True):
+        p = {"kernel": normal((L, fan_in, fan_out), fan_in**-0.5)}
+        if bias:
+            p["bias"] = normal((L, fan_out), 0.02)
+        return p
+
+    attn_bias = c.attention_bias
+    if packed:
+        def packed_weight(name, rows, cols):
+            b_shape, s_shape = mxfp4.packed_shapes((L, E, rows, cols))
+            # random 32-bit words viewed as bytes: no 4x-sized temporary for the ~10 GB of real blocks
+            words = jax.random.bits(next(keys), (*b_shape[:-1], b_shape[-1] // 4), jnp.uint32)
+            blocks = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(b_shape)
+            s = _expert_scale_byte(cols)
+            scales = (s - 1 + jax.random.bits(next(keys), s_shape, jnp.uint8) % 3).astype(jnp.uint8)
+            return {f"{name}_blocks": blocks, f"{name}_scales": scales}
+
+        experts = {
+            **packed_weight("gate_up_proj", 2 * inter, h),
+            "gate_up_proj_bias": normal((L, E, 2 * inter), 0.02),
+            **packed_weight("down_proj", h, inter),
+            "down_proj_bias": normal((L, E, h), 0.02),
+        }
+    else:
+        experts = {
+            "gate_up_proj": normal((L, E, h, 2 * inter), h**-0.5),
+            "gate_up_proj_bias": normal((L, E, 2 * inter), 0.02),
+            "down_proj": normal((L, E, inter, h), inter**-0.5),
+            "down_proj_bias": normal((L, E, h), 0.02),
+        }
+    return {
+        "embed_tokens": {"embedding": normal((c.vocab_size, h), 1.0)},
+        "layers": {
+            "input_layernorm": {"weight": jnp.ones((L, h), jnp.float32)},
+            "post_attention_layernorm": {"weight": jnp.ones((L, h), jnp.float32)},
+            "self_attn": {
+                "q_proj": linear(h, q_dim, attn_bias),
+                "k_proj": linear(h, kv_dim, attn_bias),
+                "v_proj": linear(h, kv_dim, attn_bias),
+                "o_proj": linear(q_dim, h, attn_bias),
+                "sinks": normal((L, c.num_attention_heads), 1.0),
+            },
+            "mlp": {"router": linear(h, E), "experts": experts},
+        },
+    }
+
+
+# Logical axes of every parameter (trailing dims; the stacked `layers` get "layers" in front).
+PARAM_AXES_TABLE: tuple[tuple[str, tuple], ...] = (
+    (r"embed_tokens\.embedding", (VOCAB, EMBED)),
+    (r"lm_head\.kernel", (EMBED, VOCAB)),
+    (r"self_attn\.q_proj\.kernel", (EMBED, HEADS)),
+    (r"self_attn\.q_proj\.bias", (HEADS,)),
+    (r"self_attn\.(k|v)_proj\.kernel", (EMBED, KV_HEADS)),
+    (r"self_attn\.(k|v)_proj\.bias", (KV_HEADS,)),
+    (r"self_attn\.o_proj\.kernel", (HEADS, EMBED)),
+    (r"self_attn\.sinks", (HEADS,)),
+    (r"mlp\.router\.kernel", (EMBED, None)),
+    (r"mlp\.experts\.gate_up_proj", (EXPERTS, EMBED, MLP)),
+    (r"mlp\.experts\.gate_up_proj_bias", (EXPERTS, MLP)),
+    (r"mlp\.experts\.down_proj", (EXPERTS, MLP, EMBED)),
+    (r"mlp\.experts\.down_proj_bias", (EXPERTS, None)),
+    (r"mlp\.experts\.gate_up_proj_blocks", (EXPERTS, MLP, None, None)),
+    (r"mlp\.experts\.gate_up_proj_scales", (EXPERTS, MLP, None)),
+    (r"mlp\.experts\.down_proj_blocks", (EXPERTS, EMBED, None, None)),
+    (r"mlp\.experts\.down_proj_scales", (EXPERTS, EMBED, None)),
+    (r".*", (None,)),  # biases of o_proj / router, norm weights
+)
+
+
+def param_axes(config: TextEncoderConfig, packed: bool = False, params: Params | None = None) -> Params:
+    """Logical axis names of every parameter leaf (same tree as `init_params`, or as `params` when given)."""
+    if params is None:
+        params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), packed=packed))
+    return axes_from_table(params, PARAM_AXES_TABLE, stacked=("layers",))
+
+
+def is_packed(params: Params) -> bool:
+    """Whether the experts are held as MXFP4 blocks/scales."""
+    return "gate_up_proj_blocks" in params["layers"]["mlp"]["experts"]
+
+
+def num_layers(params: Params) -> int:
+    """How many decoder layers `params` holds (a load may keep only the ones it needs)."""
+    return int(params["layers"]["input_layernorm"]["weight"].shape[0])
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_masks(attention_mask: jax.Array, sliding_window: int) -> tuple[jax.Array, jax.Array]:
+    """Boolean [B, S, S] (query, key) masks for full and sliding-window causal attention.
+
+    Key j is visible to query i iff j <= i (and i - window < j for sliding layers) and key j is
+    not padding. Padded queries are computed like any other row, as transformers does.
+    """
+    s = attention_mask.shape[1]
+    i = jnp.arange(s)[:, None]
+    j = jnp.arange(s)[None, :]
+    full = (j <= i)[None] & attention_mask[:, None, :].astype(bool)
+    return full, full & (j > i - sliding_window)[None]
+
+
+def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+              config: TextEncoderConfig, sharding: Constrain | None = None) -> jax.Array:
+    """GQA self-attention with per-head sink logits; x [B, S, hidden], mask [B, S, S] bool."""
+    b, s, _ = x.shape
+    n_kv, groups, d = config.num_key_value_heads, config.num_key_value_groups, config.head_dim
+    heads = (BATCH, None, ACT_HEADS, None)
+    q = constrain(dense(x, p["q_proj"]).reshape(b, s, n_kv * groups, d), heads, sharding)
+    k = constrain(dense(x, p["k_proj"]).reshape(b, s, n_kv, d), heads, sharding)
+    v = constrain(dense(x, p["v_proj"]).reshape(b, s, n_kv, d), heads, sharding)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = q.reshape(b, s, n_kv, groups, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * jnp.float32(d**-0.5)
+    # transformers' eager masks add finfo(float32).min rather than -inf; a row with no visible key
+    # then puts all its mass on the sink (zero output) instead of producing NaN.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    sinks = p["sinks"].astype(jnp.float32).reshape(1, n_kv, groups, 1, 1)
+    m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks)
+    e = jnp.exp(scores - m)
+    probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sinks - m))
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(b, s, n_kv * groups * d)
+    return dense(out.astype(x.dtype), p["o_proj"])
+
+
+# ----------------------------------------------------------------------------- MoE
+
+
+def _glu(gate_up: jax.Array, limit: float, alpha: float) -> jax.Array:
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
+
+
+def _expert_weight(experts: Params, name: str, index: tuple, dtype) -> jax.Array:
+    """One expert matrix (or a stack) as [..., in, out], dequantising MXFP4 when packed."""
+    if name in experts:
+        return experts[name][index].astype(dtype)
+    w = mxfp4.dequantize(experts[f"{name}_blocks"][index], experts[f"{name}_scales"][index], dtype)
+    return jnp.swapaxes(w, -1, -2)  # stored [out, in]
+
+
+def route(x: jax.Array, router: Params, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k experts per token and their softmax weights over the k chosen logits (float32)."""
+    logits = jnp.matmul(x, router["kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = logits + router["bias"].astype(jnp.float32)
+    top_logits, top_idx = jax.lax.top_k(logits, top_k)
+    return jax.nn.softmax(top_logits, axis=-1), top_idx
+
+
+def default_chunk(num_rows: int, num_experts: int) -> int:
+    """Rows per expert chunk for the grouped dispatch: about the mean rows per expert."""
+    mean = max(1, -(-num_rows // num_experts))
+    return int(min(256, max(8, 1 << (mean - 1).bit_length())))
+
+
+def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Array, router_idx: jax.Array,
+        config: TextEncoderConfig, impl: str = "grouped", chunk: int | None = None) -> jax.Array:
+    """Mixture of experts over tokens x [T, hidden] for decoder layer `layer`.
+
+    `experts` holds all layers ([L, E, ...]); only layer `layer` is read. Returns [T, hidden].
+    """
+    t, h = x.shape
+    k = router_idx.shape[-1]
+    n_exp = config.num_local_experts
+    act = partial(_glu, limit=config.swiglu_limit, alpha=config.swiglu_alpha)
+    dtype = x.dtype
+    gu_bias = experts["gate_up_proj_bias"][layer].astype(dtype)  # [E, 2I]
+    d_bias = experts["down_proj_bias"][layer].astype(dtype)  # [E, h]
+
+    if impl == "dense":
+        w_gu = _expert_weight(experts, "gate_up_proj", (layer,), dtype)
+        w_d = _expert_weight(experts, "down_proj", (layer,), dtype)
+        mid = act(jnp.einsum("th,ehf->etf", x, w_gu) + gu_bias[:, None])
+        y = jnp.einsum("etf,efh->eth", mid, w_d) + d_bias[:, None]
+        combine = jnp.zeros((t, n_exp), jnp.float32).at[jnp.arange(t)[:, None], router_idx].set(router_weights)
+        return jnp.einsum("eth,te->th", y.astype(jnp.float32), combine).astype(dtype)
+
+    flat_e = router_idx.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)  # assignment ids sorted by expert
+    sorted_e = flat_e[order]
+    sizes = jnp.bincount(flat_e, length=n_exp)
+    xs = x[order // k]  # [T*k, h]
+
+    if impl == "ragged":
+        w_gu = _expert_weight(experts, "gate_up_proj", (layer,), dtype)
+        w_d = _expert_weight(experts, "down_proj", (layer,), dtype)
+        mid = act(jax.lax.ragged_dot(xs, w_gu, sizes) + gu_bias[sorted_e])
+        ys = jax.lax.ragged_dot(mid, w_d, sizes) + d_bias[sorted_e]
+    elif impl == "grouped":
+        ys = _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or default_chunk(t * k, n_exp))
+    else:
+        raise ValueError(f"unknown moe_impl {impl!r}; choose one of {MOE_IMPLS}.")
+
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y = ys[inverse].reshape(t, k, h).astype(jnp.float32)
+    return jnp.einsum("tkh,tk->th", y, router_weights).astype(dtype)
+
+
+def _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk: int) -> jax.Array:
+    """Rows `xs` [N, h] sorted by expert (sizes [E]) -> expert outputs [N, h], chunk by chunk."""
+    n, h = xs.shape
+    dtype = xs.dtype
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    # `chunk` spare rows at the end so that a chunk never reads or writes past the buffer.
+    xs = jnp.concatenate([xs, jnp.zeros((chunk, h), dtype)])
+
+    def run_expert(out, e):
+        w_gu = _expert_weight(experts, "gate_up_proj", (layer, e), dtype)
+        w_d = _expert_weight(experts, "down_proj", (layer, e), dtype)
+
+        def run_chunk(j, out):
+            # The last chunk of expert e spills into rows of later experts (or the spare rows);
+            # experts run in ascending order, so those rows are rewritten afterwards: no masking.
+            start = starts[e] + j * chunk
+            x_c = jax.lax.dynamic_slice_in_dim(xs, start, chunk)
+            y = jnp.matmul(act(jnp.matmul(x_c, w_gu) + gu_bias[e]), w_d) + d_bias[e]
+            return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, axis=0)
+
+        return jax.lax.fori_loop(0, (sizes[e] + chunk - 1) // chunk, run_chunk, out)
+
+    def body(out, e):
+        return jax.lax.cond(sizes[e] > 0, run_expert, lambda out, e: out, out, e), None
+
+    out, _ = jax.lax.scan(body, jnp.zeros((n + chunk, h), dtype), jnp.arange(sizes.shape[0]))
+    return out[:n]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def check_selected_layers(selected_layers: Sequence[int], available: int, total: int | None = None) -> tuple[int, ...]:
+    """Validate selected (0-based) decoder layers; returns them as a tuple of ints."""
+    total = available if total is None else total
+    try:
+        sel = tuple(int(i) for i in selected_layers)
+    except TypeError:
+        raise ValueError(f"selected_layers must be a sequence of ints, got {selected_layers!r}.") from None
+    if not sel:
+        raise ValueError("selected_layers is empty; select at least one decoder layer.")
+    bad = [i for i in sel if not 0 <= i < total]
+    if bad:
+        raise ValueError(
+            f"selected_layers {list(sel)} has out-of-range layer(s) {bad}: the model has {total} decoder layers "
+            f"(valid indices 0..{total - 1}, 0-based)."
+        )
+    if max(sel) >= available:
+        raise ValueError(
+            f"selected layer {max(sel)} needs {max(sel) + 1} decoder layers but these parameters hold only "
+            f"{available}; load with selected_layers covering it."
+        )
+    return sel
+
+
+@partial(jax.jit, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding"))
+def apply(params: Params, config: TextEncoderConfig, input_ids: jax.Array, attention_mask: jax.Array,
+          selected_layers: tuple[int, ...], moe_impl: str = "grouped", moe_chunk: int | None = None,
+          sharding: Constrain | None = None) -> list[jax.Array]:
+    """Hidden states after each selected decoder layer (0-based, no final norm).
+
+    input_ids [B, S] int, attention_mask [B, S] (1/True = token, 0 = right padding). Runs only
+    layers 0..max(selected_layers). Returns one [B, S, hidden] array per selected layer, in order,
+    in the dtype of the embedding table.
+    """
+    sel = check_selected_layers(selected_layers, num_layers(params), config.num_hidden_layers)
+    n_run = max(sel) + 1
+    embedding = params["embed_tokens"]["embedding"]
+    dtype = embedding.dtype
+    b, s = input_ids.shape
+    hidden = jnp.take(embedding, input_ids.astype(jnp.int32), axis=0)
+    cos, sin = rope_cos_sin(config, s)
+    full_mask, sliding_mask = attention_masks(attention_mask, config.sliding_window)
+    is_sliding = jnp.asarray([t == SLIDING for t in config.layer_types[:n_run]])
+    layers = params["layers"]
+    dense_layers = {k: v for k, v in layers.items() if k != "mlp"}
+    dense_layers["router"] = layers["mlp"]["router"]
+    experts = layers["mlp"]["experts"]
+    eps = config.rms_norm_eps
+
+    def layer(h, i):
+        p = jax.tree.map(lambda a: a[i], dense_layers)
+        mask = jnp.where(is_sliding[i], sliding_mask, full_mask)
+        x = rms_norm(h, p["input_layernorm"]["weight"], eps)
+        h = h + attention(p["self_attn"], x, cos, sin, mask, config, sharding)
+        x = rms_norm(h, p["post_attention_layernorm"]["weight"], eps).reshape(b * s, -1)
+        weights, idx = route(x, p["router"], config.num_experts_per_tok)
+        h = h + moe(x, experts, i, weights, idx, config, moe_impl, moe_chunk).reshape(b, s, -1)
+        h = constrain(h, (BATCH, None, None), sharding)
+        return h, h
+
+    _, per_layer = jax.lax.scan(layer, hidden.astype(dtype), jnp.arange(n_run))
+    return [per_layer[i] for i in sel]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class TextEncoder:
+    """A loaded GPT-OSS feature extractor: `te(input_ids, attention_mask)` -> list of [B, S, hidden].
+
+    `config` is the checkpoint's full config; `params` may hold only the first
+    max(selected_layers) + 1 decoder layers (nothing later is ever computed).
+    """
+
+    config: TextEncoderConfig
+    params: Params
+    selected_layers: tuple[int, ...] = DEFAULT_SELECTED_LAYERS
+    moe_impl: str = "grouped"
+    moe_chunk: int | None = None
+    sharding: Any = None  # static activation-sharding rules (lens_jax.parallel.BoundRules) or None
+
+    def __post_init__(self):
+        self.selected_layers = check_selected_layers(
+            self.selected_layers, num_layers(self.params), self.config.num_hidden_layers
+        )
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"unknown moe_impl {self.moe_impl!r}; choose one of {MOE_IMPLS}.")
+
+    @property
+    def keep_mxfp4(self) -> bool:
+        """True when the experts stay MXFP4-packed on the device."""
+        return is_packed(self.params)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.params["embed_tokens"]["embedding"].dtype
+
+    def __call__(self, input_ids, attention_mask=None) -> list[jax.Array]:
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        attention_mask = jnp.asarray(attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}."
+            )
+        return apply(self.params, self.config, input_ids.astype(jnp.int32), attention_mask.astype(bool),
+                     self.selected_layers, self.moe_impl, self.moe_chunk, self.sharding)

@@ -1,0 +1,443 @@
+"""The Lens denoiser (LensTransformer2DModel): a dual-stream MMDiT, as pure JAX functions.
+
+Parameters are a nested dict whose names follow the PyTorch keys, with Linear weights stored
+as `kernel` [in, out] and the per-block tensors stacked on a leading layer axis under
+`transformer_blocks` so the blocks run under one `lax.scan` (compile time flat in depth).
+
+    params = lens_jax.transformer.init_params(config, jax.random.key(0))
+    v = lens_jax.transformer.apply(params, config, x, feats, mask, sigma, img_shape=(h, w))
+
+`load(path)` reads an upstream `transformer/` folder and returns a callable `LensTransformer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .axes import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, MLP, Constrain, axes_from_table, constrain
+from .nn import dense, layer_norm, rms_norm
+
+__all__ = [
+    "TransformerConfig",
+    "init_params",
+    "apply",
+    "rope_tables",
+    "timestep_embedding",
+    "embed_text",
+    "block",
+    "LensTransformer",
+    "param_axes",
+]
+
+Params = dict[str, Any]
+
+TIMESTEP_CHANNELS = 256
+TIMESTEP_SCALE = 1000.0  # the pipeline passes sigma = t / 1000; the embedding multiplies again
+BLOCK_EPS = 1e-6  # block RMSNorms and QK RMSNorms (upstream passes the block eps to both)
+TEXT_NORM_EPS = 1e-5  # per-layer txt_norm RMSNorms
+NORM_OUT_EPS = 1e-6
+ROPE_THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The fields of the upstream `transformer/config.json` that shape the network."""
+
+    patch_size: int = 2
+    in_channels: int = 128
+    out_channels: int = 32
+    num_layers: int = 48
+    num_attention_heads: int = 24
+    attention_head_dim: int = 64
+    enc_hidden_dim: int = 2880
+    axes_dims_rope: tuple[int, ...] = (8, 28, 28)
+    selected_layer_index: tuple[int, ...] = (5, 11, 17, 23)
+    gate_mlp: bool = True
+    rms_norm: bool = True
+    multi_layer_encoder_feature: bool = True
+
+    def __post_init__(self):
+        if not (self.gate_mlp and self.rms_norm and self.multi_layer_encoder_feature):
+            raise NotImplementedError(
+                "lens-jax implements the published Lens DiT (gate_mlp, rms_norm and "
+                "multi_layer_encoder_feature all true); this config turns one of them off."
+            )
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim {self.attention_head_dim}."
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must all be even.")
+
+    @property
+    def inner_dim(self) -> int:
+        # Upstream derives it from heads x head_dim and ignores the config's `inner_dim`.
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.inner_dim / 3 * 8)
+
+    @property
+    def num_text_layers(self) -> int:
+        return len(self.selected_layer_index)
+
+    @property
+    def out_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.out_channels
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "TransformerConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(_class_name="LensTransformer2DModel", inner_dim=self.inner_dim)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def init_params(config: TransformerConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters with the checkpoint's structure (kernels ~ N(0, 1/fan_in))."""
+    c = config
+    d, hd, L = c.inner_dim, c.attention_head_dim, c.num_layers
+    keys = iter(jax.random.split(key, 32))
+
+    def linear(fan_in, fan_out, bias=True, layers=None):
+        lead = () if layers is None else (layers,)
+        p = {"kernel": (jax.random.normal(next(keys), lead + (fan_in, fan_out)) / math.sqrt(fan_in)).astype(dtype)}
+        if bias:
+            p["bias"] = jnp.zeros(lead + (fan_out,), dtype)
+        return p
+
+    def ones(*shape):
+        return jnp.ones(shape, dtype)
+
+    heads = c.num_attention_heads
+
+    def fused_qkv():
+        # [d, 3, heads, head_dim] (PyTorch: [3 * inner, d]): tensor parallelism splits whole heads.
+        kernel = jax.random.normal(next(keys), (L, d, 3, heads, hd)) / math.sqrt(d)
+        return {"kernel": kernel.astype(dtype), "bias": jnp.zeros((L, 3, heads, hd), dtype)}
+
+    def attn_out():
+        # [heads, head_dim, d] (PyTorch: [d, inner]).
+        kernel = jax.random.normal(next(keys), (L, heads, hd, d)) / math.sqrt(d)
+        return {"kernel": kernel.astype(dtype), "bias": jnp.zeros((L, d), dtype)}
+
+    blocks = {
+        "attn": {
+            "img_qkv": fused_qkv(),
+            "txt_qkv": fused_qkv(),
+            "to_out": attn_out(),
+            "to_add_out": attn_out(),
+            "norm_q": {"weight": ones(L, hd)},
+            "norm_k": {"weight": ones(L, hd)},
+            "norm_added_q": {"weight": ones(L, hd)},
+            "norm_added_k": {"weight": ones(L, hd)},
+        },
+        "img_mod": linear(d, 6 * d, layers=L),
+        "txt_mod": linear(d, 6 * d, layers=L),
+        "img_norm1": {"weight": ones(L, d)},
+        "img_norm2": {"weight": ones(L, d)},
+        "txt_norm1": {"weight": ones(L, d)},
+        "txt_norm2": {"weight": ones(L, d)},
+        "img_mlp": {
+            "w1": linear(d, c.mlp_hidden_dim, bias=False, layers=L),
+            "w2": linear(c.mlp_hidden_dim, d, bias=False, layers=L),
+            "w3": linear(d, c.mlp_hidden_dim, bias=False, layers=L),
+        },
+        "txt_mlp": {
+            "w1": linear(d, c.mlp_hidden_dim, bias=False, layers=L),
+            "w2": linear(c.mlp_hidden_dim, d, bias=False, layers=L),
+            "w3": linear(d, c.mlp_hidden_dim, bias=False, layers=L),
+        },
+    }
+    return {
+        "img_in": linear(c.in_channels, d),
+        "txt_norm": {"weight": ones(c.num_text_layers, c.enc_hidden_dim)},
+        "txt_in": linear(c.num_text_layers * c.enc_hidden_dim, d),
+        "time_text_embed": {
+            "timestep_embedder": {"linear_1": linear(TIMESTEP_CHANNELS, d), "linear_2": linear(d, d)}
+        },
+        "transformer_blocks": blocks,
+        "norm_out": {"linear": linear(d, 2 * d)},
+        "proj_out": linear(d, c.out_dim),
+    }
+
+
+# Logical axes of every parameter (trailing dims; the stacked blocks get "layers" in front).
+PARAM_AXES_TABLE: tuple[tuple[str, tuple], ...] = (
+    (r"attn\.(img|txt)_qkv\.kernel", (EMBED, None, HEADS, None)),
+    (r"attn\.(img|txt)_qkv\.bias", (None, HEADS, None)),
+    (r"attn\.(to_out|to_add_out)\.kernel", (HEADS, None, EMBED)),
+    (r"(img|txt)_mlp\.(w1|w3)\.kernel", (EMBED, MLP)),
+    (r"(img|txt)_mlp\.w2\.kernel", (MLP, EMBED)),
+    (r"(img|txt)_mod\.kernel", (EMBED, None)),
+    (r"time_text_embed\.timestep_embedder\.linear_2\.kernel", (EMBED, None)),
+    (r"(norm_out\.linear|proj_out)\.kernel", (EMBED, None)),
+    (r"(img_in|txt_in|time_text_embed\.timestep_embedder\.linear_1)\.kernel", (None, EMBED)),
+    (r".*\.bias", (None,)),
+    (r"txt_norm\.weight", (None, None)),
+    (r".*\.weight", (None,)),
+)
+
+
+def param_axes(config: TransformerConfig) -> Params:
+    """Logical axis names of every parameter leaf (same tree as `init_params`)."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return axes_from_table(abstract, PARAM_AXES_TABLE, stacked=("transformer_blocks",))
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def _axis_angles(positions: np.ndarray, dim: int) -> np.ndarray:
+    """float32 angles pos * theta^(-2k/dim), k < dim/2, computed like upstream (float32 outer product)."""
+    inv_freq = (1.0 / np.power(np.float32(ROPE_THETA), np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    return np.outer(positions.astype(np.float32), inv_freq.astype(np.float32)).astype(np.float32)
+
+
+def _centred(n: int) -> np.ndarray:
+    return np.arange(-(n - n // 2), n // 2)
+
+
+def rope_tables(config: TransformerConfig, height: int, width: int, text_len: int) -> dict[str, np.ndarray]:
+    """RoPE (cos, sin) tables [tokens, head_dim/2] for the image grid and the text, in float32.
+
+    Three axes (frame, h, w); image positions are centred (scale_rope); text token j sits at
+    max(h//2, w//2) + j on every axis. Built once on the host per (height, width, text_len).
+    """
+    df, dh, dw = config.axes_dims_rope
+    hh, ww = np.meshgrid(_centred(height), _centred(width), indexing="ij")
+    img = np.concatenate(
+        [_axis_angles(np.zeros(height * width), df), _axis_angles(hh.reshape(-1), dh), _axis_angles(ww.reshape(-1), dw)],
+        axis=1,
+    )
+    tpos = max(height // 2, width // 2) + np.arange(text_len)
+    txt = np.concatenate([_axis_angles(tpos, df), _axis_angles(tpos, dh), _axis_angles(tpos, dw)], axis=1)
+    return {
+        "img_cos": np.cos(img), "img_sin": np.sin(img),
+        "txt_cos": np.cos(txt), "txt_sin": np.sin(txt),
+    }
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by angles with cos/sin [T, D/2]."""
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    re, im = x32[..., 0], x32[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.stack([re * c - im * s, re * s + im * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def timestep_embedding(params: Params, timestep: jax.Array, dtype) -> jax.Array:
+    """Sinusoidal Timesteps(256, flip_sin_to_cos, shift 0, scale 1000) then the 2-layer MLP -> [B, D]."""
+    half = TIMESTEP_CHANNELS // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (timestep.astype(jnp.float32)[:, None] * freqs[None, :]) * TIMESTEP_SCALE
+    proj = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1).astype(dtype)
+    p = params["time_text_embed"]["timestep_embedder"]
+    return dense(jax.nn.silu(dense(proj, p["linear_1"])), p["linear_2"])
+
+
+def embed_text(params: Params, features: Sequence[jax.Array], dtype) -> jax.Array:
+    """Per-layer RMSNorm (eps 1e-5) of each selected encoder layer, concatenated, then txt_in."""
+    weights = params["txt_norm"]["weight"]
+    if len(features) != weights.shape[0]:
+        raise ValueError(f"expected {weights.shape[0]} text-feature layers, got {len(features)}")
+    normed = [rms_norm(f.astype(dtype), weights[i], TEXT_NORM_EPS) for i, f in enumerate(features)]
+    return dense(jnp.concatenate(normed, axis=-1), params["txt_in"])
+
+
+# ----------------------------------------------------------------------------- the block
+
+
+def _modulation(p: Params, temb_act: jax.Array) -> tuple[jax.Array, ...]:
+    """SiLU(temb) -> Linear -> 6 chunks: (shift, scale, gate) for attention, then for the MLP."""
+    return tuple(c[:, None, :] for c in jnp.split(dense(temb_act, p), 6, axis=-1))
+
+
+def _modulate(x: jax.Array, norm_weight: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return rms_norm(x, norm_weight, BLOCK_EPS) * (1 + scale) + shift
+
+
+def _attn_out(x: jax.Array, p: Params) -> jax.Array:
+    """Attention output [B, T, heads, head_dim] -> Linear(inner -> d) with kernel [heads, head_dim, d]."""
+    return jnp.einsum("bthk,hkd->btd", x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)
+
+
+def _gate_mlp(p: Params, x: jax.Array, sharding=None) -> jax.Array:
+    hidden = constrain(jax.nn.silu(dense(x, p["w1"])) * dense(x, p["w3"]), (BATCH, None, ACT_MLP), sharding)
+    return dense(hidden, p["w2"])
+
+
+def _qkv(x: jax.Array, p: Params, q_norm: jax.Array, k_norm: jax.Array, heads: int, cos, sin, sharding):
+    b, t, _ = x.shape
+    head_dim = q_norm.shape[-1]
+    qkv = jnp.einsum("btd,dchk->cbthk", x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)[:, None, None]
+    q, k, v = (constrain(y, (BATCH, None, ACT_HEADS, None), sharding) for y in qkv)
+    q = apply_rope(rms_norm(q, q_norm, BLOCK_EPS), cos, sin)
+    k = apply_rope(rms_norm(k, k_norm, BLOCK_EPS), cos, sin)
+    return q, k, v
+
+
+def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implementation: str | None):
+    """Softmax attention over [image; text] keys. `key_mask` [B, S] (image keys always True).
+
+    The cuDNN path takes per-row visible-key counts instead of a dense mask; that is exact
+    because text is right-padded behind the image tokens, so visible keys form a prefix.
+    """
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :], implementation=implementation)
+
+
+def block(p: Params, config: TransformerConfig, img, txt, temb_act, rope, key_mask, key_lengths, attention_impl=None,
+          sharding: Constrain | None = None):
+    """One dual-stream MMDiT block; returns the updated (img, txt) streams."""
+    heads = config.num_attention_heads
+    i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _modulation(p["img_mod"], temb_act)
+    t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _modulation(p["txt_mod"], temb_act)
+    a = p["attn"]
+    qi, ki, vi = _qkv(_modulate(img, p["img_norm1"]["weight"], i_shift1, i_scale1), a["img_qkv"],
+                      a["norm_q"]["weight"], a["norm_k"]["weight"], heads, rope["img_cos"], rope["img_sin"], sharding)
+    qt, kt, vt = _qkv(_modulate(txt, p["txt_norm1"]["weight"], t_shift1, t_scale1), a["txt_qkv"],
+                      a["norm_added_q"]["weight"], a["norm_added_k"]["weight"], heads, rope["txt_cos"], rope["txt_sin"],
+                      sharding)
+    n_img = img.shape[1]
+    out = joint_attention(
+        jnp.concatenate([qi, qt], 1), jnp.concatenate([ki, kt], 1), jnp.concatenate([vi, vt], 1),
+        key_mask, key_lengths, attention_impl,
+    )
+    img = img + i_gate1 * _attn_out(out[:, :n_img], a["to_out"])
+    txt = txt + t_gate1 * _attn_out(out[:, n_img:], a["to_add_out"])
+    img = img + i_gate2 * _gate_mlp(p["img_mlp"], _modulate(img, p["img_norm2"]["weight"], i_shift2, i_scale2), sharding)
+    txt = txt + t_gate2 * _gate_mlp(p["txt_mlp"], _modulate(txt, p["txt_norm2"]["weight"], t_shift2, t_scale2), sharding)
+    return constrain(img, (BATCH, None, None), sharding), constrain(txt, (BATCH, None, None), sharding)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def default_attention_impl(dtype) -> str | None:
+    """cuDNN flash attention on GPU for half precision; XLA's implementation elsewhere."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return None
+
+
+@partial(jax.jit, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl", "sharding"))
+def apply(
+    params: Params,
+    config: TransformerConfig,
+    hidden_states: jax.Array,
+    encoder_hidden_states: Sequence[jax.Array],
+    encoder_hidden_states_mask: jax.Array,
+    timestep: jax.Array,
+    img_shape: tuple[int, int],
+    compute_dtype=None,
+    attention_impl: str | None = None,
+    sharding: Constrain | None = None,
+) -> jax.Array:
+    """DiT forward: velocity [B, h*w, patch^2 * out_channels] for image tokens [B, h*w, in_channels].
+
+    encoder_hidden_states: one [B, S, enc_hidden_dim] array per selected encoder layer;
+    encoder_hidden_states_mask: [B, S] bool (True = visible text token); timestep: [B] sigma in
+    [0, 1]; img_shape: the static token grid (h, w). `compute_dtype` defaults to the params'
+    dtype; `attention_impl` is passed to `jax.nn.dot_product_attention` ("cudnn" or None/"xla").
+    """
+    dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["img_in"]["kernel"].dtype
+    h, w = img_shape
+    text_len = encoder_hidden_states[0].shape[1]
+    rope = jax.tree.map(jnp.asarray, rope_tables(config, h, w, text_len))
+
+    img = dense(hidden_states.astype(dtype), params["img_in"])
+    txt = embed_text(params, encoder_hidden_states, dtype)
+    temb = timestep_embedding(params, timestep, dtype)
+    temb_act = jax.nn.silu(temb)
+
+    text_mask = encoder_hidden_states_mask.astype(bool)
+    key_mask = jnp.concatenate([jnp.ones((img.shape[0], img.shape[1]), bool), text_mask], axis=1)
+    key_lengths = img.shape[1] + jnp.sum(text_mask, axis=1, dtype=jnp.int32)
+
+    def step(carry, p):
+        return block(p, config, *carry, temb_act, rope, key_mask, key_lengths, attention_impl, sharding), None
+
+    (img, _), _ = jax.lax.scan(step, (img, txt), params["transformer_blocks"])
+
+    scale, shift = jnp.split(dense(temb_act, params["norm_out"]["linear"]), 2, axis=-1)  # (scale, shift) order
+    img = layer_norm(img, NORM_OUT_EPS) * (1 + scale[:, None]) + shift[:, None]
+    return dense(img, params["proj_out"])
+
+
+# ----------------------------------------------------------------------------- user-facing wrapper
+
+
+def _check_inputs(config: TransformerConfig, hidden_states, encoder_hidden_states, mask, timestep, img_shapes):
+    if hidden_states.ndim != 3 or hidden_states.shape[-1] != config.in_channels:
+        raise ValueError(
+            f"hidden_states must be [B, h*w, {config.in_channels}] packed latent tokens; got shape {hidden_states.shape}."
+        )
+    b, n, _ = hidden_states.shape
+    if len(img_shapes) != 1 or len(img_shapes[0]) != 3 or img_shapes[0][0] != 1:
+        raise ValueError(f"img_shapes must be a list with one (1, h, w) tuple; got {img_shapes!r}.")
+    _, h, w = (int(v) for v in img_shapes[0])
+    if h * w != n:
+        raise ValueError(f"img_shapes (1, {h}, {w}) gives {h * w} tokens but hidden_states has {n}.")
+    if len(encoder_hidden_states) != config.num_text_layers:
+        raise ValueError(
+            f"encoder_hidden_states must hold {config.num_text_layers} per-layer arrays "
+            f"(selected_layer_index {config.selected_layer_index}); got {len(encoder_hidden_states)}."
+        )
+    s = encoder_hidden_states[0].shape[1] if encoder_hidden_states[0].ndim == 3 else None
+    for i, f in enumerate(encoder_hidden_states):
+        if f.shape != (b, s, config.enc_hidden_dim):
+            raise ValueError(
+                f"encoder_hidden_states[{i}] must be [B={b}, S, {config.enc_hidden_dim}] like layer 0; got {f.shape}."
+            )
+    if mask.shape != (b, s):
+        raise ValueError(f"encoder_hidden_states_mask must be [B={b}, S={s}]; got {mask.shape}.")
+    if timestep.shape != (b,):
+        raise ValueError(f"timestep must be [B={b}] sigmas in [0, 1]; got shape {timestep.shape}.")
+    return h, w
+
+
+@dataclass
+class LensTransformer:
+    """A loaded Lens DiT: `tr(hidden_states, encoder_hidden_states, mask, timestep, img_shapes)`."""
+
+    config: TransformerConfig
+    params: Params
+    compute_dtype: Any = None
+    attention_impl: str | None = None
+
+    def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
+        hidden_states = jnp.asarray(hidden_states)
+        feats = [jnp.asarray(f) for f in encoder_hidden_states]
+        mask = jnp.asarray(encoder_hidden_states_mask).astype(bool)
+        timestep = jnp.atleast_1d(jnp.asarray(timestep, jnp.float32))
+        if timestep.shape == (1,) and hidden_states.shape[0] > 1:
+            timestep = jnp.broadcast_to(timestep, (hidden_states.shape[0],))
+        h, w = _check_inputs(self.config, hidden_states, feats, mask, timestep, img_shapes)
+        dtype = self.compute_dtype or self.params["img_in"]["kernel"].dtype
+        impl = self.attention_impl if self.attention_impl is not None else default_attention_impl(dtype)
+        return apply(self.params, self.config, hidden_states, feats, mask, timestep, (h, w), dtype, impl)

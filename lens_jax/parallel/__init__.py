@@ -1,0 +1,16 @@
+"""Meshes over ("data", "fsdp", "tensor") and the logical-axis rules that shard the models on them."""
+
+from .mesh import DATA, FSDP, TENSOR, batch_axes, batch_sharding, make_mesh, put, put_tree, replicated, to_host
+from .rules import (
+    DEFAULT_RULES,
+    BoundRules,
+    ShardingRules,
+    logical_shardings,
+    replicated_shardings,
+    rules_from_mapping,
+)
+
+__all__ = [
+    "DATA", "FSDP", "TENSOR", "make_mesh", "batch_axes", "batch_sharding", "replicated", "put", "put_tree", "to_host",
+    "DEFAULT_RULES", "ShardingRules", "BoundRules", "logical_shardings", "replicated_shardings", "rules_from_mapping",
+]

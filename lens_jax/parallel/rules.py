@@ -1,0 +1,125 @@
+"""Logical axis -> mesh axis rules: the one table that says how everything is sharded.
+
+The models declare a logical axis name per parameter dimension (`param_axes(config)`) and per
+constrained activation dimension (`lens_jax.models.axes`). `ShardingRules` maps each logical
+name to a mesh axis (or None: replicated). Rules are data: override any of them, e.g.
+
+    rules = DEFAULT_RULES.override(experts="fsdp")          # experts over fsdp instead of tensor
+    rules = DEFAULT_RULES.override(heads=None, mlp=None)     # no tensor parallelism
+
+Resolution is forgiving in two ways that keep every (mesh, config) pair valid: a mesh axis is
+used at most once per array (later dimensions that map to an axis already used stay
+unsplit), and a dimension that the mesh axis size does not divide stays unsplit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ..models import axes as ax
+
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+MESH_AXES = (DATA, FSDP, TENSOR)
+
+MeshAxis = str | tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """An immutable, hashable table of (logical axis, mesh axis or axes or None)."""
+
+    rules: tuple[tuple[str, MeshAxis], ...]
+
+    def as_dict(self) -> dict[str, MeshAxis]:
+        return dict(self.rules)
+
+    def override(self, **changes: MeshAxis) -> "ShardingRules":
+        """A copy with some logical axes mapped elsewhere (None: replicated)."""
+        table = self.as_dict()
+        for name, target in changes.items():
+            for t in (target,) if isinstance(target, str) or target is None else target:
+                if t is not None and t not in MESH_AXES:
+                    raise ValueError(f"rule {name}={target!r}: {t!r} is not a mesh axis; use one of {MESH_AXES}.")
+            table[name] = target
+        return ShardingRules(tuple(table.items()))
+
+    def spec(self, axes: tuple[str | None, ...], shape: tuple[int, ...] | None, mesh: Mesh) -> P:
+        """PartitionSpec of an array with these logical `axes` (and `shape`, for divisibility) on `mesh`."""
+        table, used, out = self.as_dict(), set(), []
+        for i, name in enumerate(axes):
+            target = table.get(name) if name is not None else None
+            names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+            kept, size = [], 1
+            for n in names:  # greedily, as far as the mesh axes divide the dimension
+                if n in mesh.shape and mesh.shape[n] > 1 and n not in used:
+                    if shape is None or shape[i] % (size * mesh.shape[n]) == 0:
+                        kept.append(n)
+                        size *= mesh.shape[n]
+            names = tuple(kept)
+            if not names:
+                out.append(None)
+                continue
+            used.update(names)
+            out.append(names[0] if len(names) == 1 else names)
+        while out and out[-1] is None:
+            out.pop()
+        return P(*out)
+
+    def bind(self, mesh: Mesh) -> "BoundRules":
+        return BoundRules(self, mesh)
+
+
+DEFAULT_RULES = ShardingRules((
+    # parameters
+    (ax.LAYERS, None),
+    (ax.EMBED, FSDP),
+    (ax.HEADS, TENSOR),
+    (ax.KV_HEADS, TENSOR),
+    (ax.MLP, TENSOR),
+    (ax.EXPERTS, TENSOR),
+    (ax.VOCAB, TENSOR),
+    # activations
+    (ax.BATCH, (DATA, FSDP)),
+    (ax.SEQ, None),
+    (ax.ACT_HEADS, TENSOR),
+    (ax.ACT_MLP, TENSOR),
+    (ax.ACT_EMBED, None),
+))
+
+
+@dataclass(frozen=True)
+class BoundRules:
+    """Rules bound to a mesh: what the models receive (static, hashable) to constrain activations."""
+
+    rules: ShardingRules
+    mesh: Mesh
+
+    def sharding(self, axes, shape=None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.rules.spec(tuple(axes), None if shape is None else tuple(shape), self.mesh))
+
+    def constrain(self, x, axes):
+        return jax.lax.with_sharding_constraint(x, self.sharding(axes, x.shape))
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def logical_shardings(params: Any, axes: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Any:
+    """NamedSharding per leaf of `params` (concrete or abstract) from its logical `axes` tree."""
+    return jax.tree.map(
+        lambda a, p: NamedSharding(mesh, rules.spec(a, tuple(p.shape), mesh)), axes, params, is_leaf=_is_axes,
+    )
+
+
+def replicated_shardings(params: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+
+
+def rules_from_mapping(mapping: Mapping[str, MeshAxis] | None) -> ShardingRules:
+    """DEFAULT_RULES with a user's overrides (e.g. parsed from a config file)."""
+    return DEFAULT_RULES if not mapping else DEFAULT_RULES.override(**mapping)

@@ -1,0 +1,1 @@
+"""Sampling: the flow-matching schedule, guidance, resolution buckets and the jitted sampler."""

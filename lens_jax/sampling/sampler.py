@@ -1,0 +1,169 @@
+"""The jitted Lens sampler: the denoising loop (and the VAE decode) as compiled XLA programs.
+
+Without a progress callback the whole loop and the decode are ONE program: a `lax.scan` over
+steps (optionally keeping every step's latents), classifier-free guidance as one batched DiT
+forward with Lens' norm rescaling, and a guidance of exactly 1.0 (Lens-Turbo) dropping the
+unconditional half. With a callback, the host drives a one-step program and then the decode
+program, calling back between them: no host callback lives inside any compiled program (so
+the persistent compilation cache keeps them all), and nothing is shared between calls, so two
+pipelines or two threads sample independently. A callback may raise to cancel a run; the
+exception propagates at the next step boundary.
+
+Steps before `start` are skipped (`lax.cond`): image-to-image starts later in the same
+schedule without a new program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from .. import parallel
+from ..models import transformer as dit
+from ..models import vae as vae_lib
+from .guidance import guided_velocity
+from .scheduler import euler_step
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Everything static about one compiled sampler."""
+
+    dit_config: dit.TransformerConfig
+    vae_config: Any
+    img_shape: tuple[int, int]
+    num_steps: int
+    use_cfg: bool
+    decode: bool
+    keep_trajectory: bool
+    compute_dtype: Any
+    attention_impl: str | None
+    sharding: parallel.BoundRules | None = None  # activation constraints (a mesh with tensor/fsdp axes)
+
+
+def velocity(spec: SamplerSpec, dit_params, x, features, mask, t, guidance):
+    """The (guided) DiT velocity at timestep t (in [0, 1000]) for latents x [B, h*w, C], f32."""
+    b = x.shape[0]
+    x_in = jnp.concatenate([x, x]) if spec.use_cfg else x
+    v = dit.apply(
+        dit_params, spec.dit_config, x_in, features, mask, jnp.full((x_in.shape[0],), t / 1000.0, jnp.float32),
+        spec.img_shape, spec.compute_dtype, spec.attention_impl, spec.sharding,
+    )
+    if spec.use_cfg:
+        return guided_velocity(v[:b], v[b:], guidance)
+    return v.astype(jnp.float32)
+
+
+def denoise_step(spec: SamplerSpec, dit_params, x, features, mask, sigmas, timesteps, guidance, i):
+    """One Euler step i of the schedule."""
+    return euler_step(x, velocity(spec, dit_params, x, features, mask, timesteps[i], guidance), sigmas[i], sigmas[i + 1])
+
+
+def decode(spec: SamplerSpec, vae_params, x):
+    """Packed latents -> image [B, H, W, 3] in [0, 1]."""
+    h, w = spec.img_shape
+    raw = vae_lib.decode_tokens(vae_params, spec.vae_config, x, h, w)
+    return (jnp.clip(raw.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
+
+
+def sample(spec: SamplerSpec, dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance, start):
+    """Denoise packed latents [B, h*w, C] from step `start` to the end, then (optionally) decode.
+
+    With CFG, `features`/`mask` hold [cond; uncond] rows (2B); otherwise B rows. Returns
+    (final latents [B, h*w, C] f32, image [B, H, W, 3] in [0, 1] or None, trajectory [N, B, h*w, C] or None).
+    """
+
+    def step(x, i):
+        x = jax.lax.cond(
+            i >= start,
+            lambda x: denoise_step(spec, dit_params, x, features, mask, sigmas, timesteps, guidance, i),
+            lambda x: x,
+            x,
+        )
+        return x, (x if spec.keep_trajectory else None)
+
+    x, trajectory = jax.lax.scan(step, latents.astype(jnp.float32), jnp.arange(spec.num_steps))
+    image = decode(spec, vae_params, x) if spec.decode else None
+    return x, image, trajectory
+
+
+@dataclass(frozen=True)
+class Programs:
+    """The compiled programs of one spec: `whole` (loop + decode), `step` and `decode` (host-driven loop)."""
+
+    whole: Callable
+    step: Callable
+    decode: Callable | None
+
+
+@lru_cache(maxsize=32)
+def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, batch: int, text_rows: int) -> Programs:
+    """jit the sampler for one spec with declared in/out shardings on `mesh`.
+
+    `dit_shardings`/`vae_shardings` are `ShardingTree`s (pytrees of `NamedSharding`, hashed by
+    identity so this cache can key on them); the latents are donated on accelerators.
+    """
+    lat = parallel.batch_sharding(mesh, batch, 3)
+    txt = parallel.batch_sharding(mesh, text_rows, 3)
+    txt_mask = parallel.batch_sharding(mesh, text_rows, 2)
+    rep = parallel.replicated(mesh)
+    image = parallel.batch_sharding(mesh, batch, 4) if spec.decode else None
+    traj = rep if spec.keep_trajectory else None
+    feats = [txt] * spec.dit_config.num_text_layers
+    donate = (2,) if jax.default_backend() != "cpu" else ()
+    whole = jax.jit(
+        lambda *args: sample(spec, *args),
+        in_shardings=(dit_shardings.tree, vae_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep),
+        out_shardings=(lat, image, traj),
+        donate_argnums=donate,
+    )
+    step = jax.jit(
+        lambda p, x, f, m, s, t, g, i: denoise_step(spec, p, x, f, m, s, t, g, i),
+        in_shardings=(dit_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep),
+        out_shardings=lat,
+        donate_argnums=(1,) if donate else (),
+    )
+    dec = None
+    if spec.decode:
+        dec = jax.jit(lambda p, x: decode(spec, p, x), in_shardings=(vae_shardings.tree, lat), out_shardings=image)
+    return Programs(whole, step, dec)
+
+
+def run(programs: Programs, spec: SamplerSpec, dit_params, vae_params, latents, features, mask, sigmas, timesteps,
+        guidance, start, callback: Callable[[int, float, Any], None] | None = None):
+    """Run a sampler: one program without `callback`; else a host loop over steps calling
+    `callback(step, timestep, latents)` after each (latents stay on the devices)."""
+    if callback is None:
+        return programs.whole(dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance, start)
+    import numpy as np
+
+    x = latents
+    trajectory = []
+    host_timesteps = np.asarray(timesteps)
+    for i in range(int(start), spec.num_steps):
+        x = programs.step(dit_params, x, features, mask, sigmas, timesteps, guidance, jnp.int32(i))
+        if spec.keep_trajectory:
+            trajectory.append(x)
+        callback(i, float(host_timesteps[i]), x)
+    if spec.keep_trajectory:
+        trajectory = [latents.astype(jnp.float32)] * int(start) + trajectory
+    image = programs.decode(vae_params, x) if spec.decode else None
+    return x, image, (jnp.stack(trajectory) if spec.keep_trajectory else None)
+
+
+class ShardingTree:
+    """A pytree of shardings made hashable by identity, for `build_programs`' cache."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other

@@ -1,0 +1,1 @@
+"""Command-line tools on top of the library: `lens-jax generate`, `lens-jax convert`, ..."""

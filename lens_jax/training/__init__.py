@@ -1,0 +1,1 @@
+"""Fine-tuning Lens: the flow-matching objective, LoRA and the trainer."""

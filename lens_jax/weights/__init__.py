@@ -1,0 +1,1 @@
+"""Everything that reads or writes checkpoints: safetensors, key-mapping tables, layouts, orbax, the hub."""

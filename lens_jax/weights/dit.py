@@ -1,0 +1,138 @@
+"""Lens DiT: PyTorch (diffusers key names) -> JAX pytree mapping, and the folder loader."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, to_state_dict, unflatten
+from ..errors import CheckpointError
+from ..models.dtypes import resolve_dtype
+from ..models.transformer import LensTransformer, TransformerConfig, init_params
+from .safetensors_io import SafetensorsReader, open_checkpoint
+
+# (JAX target, PyTorch source) for every Linear; weight -> kernel (transposed), bias -> bias.
+# Attention weights keep the head axis, so tensor parallelism splits whole heads:
+# fused qkv PyTorch [3 * inner, d] (rows q, k, v; each heads x head_dim) <-> kernel [d, 3, heads, head_dim],
+# bias [3 * inner] <-> [3, heads, head_dim]; output Linear [d, inner] <-> kernel [heads, head_dim, d].
+def qkv_transforms(heads: int) -> tuple[Transform, Transform, Transform]:
+    """(qkv kernel, qkv bias, attention-output kernel) transforms for a DiT with `heads` heads."""
+    kernel = Transform(
+        "qkv_kernel", lambda t: ((t[1] * t[2] * t[3], t[0]),), lambda x: x.T.reshape(x.shape[1], 3, heads, -1),
+        lambda x: x.reshape(x.shape[0], -1).T,
+    )
+    bias = Transform("qkv_bias", lambda t: ((t[0] * t[1] * t[2],),), lambda x: x.reshape(3, heads, -1),
+                     lambda x: x.reshape(-1))
+    out = Transform("attn_out_kernel", lambda t: ((t[2], t[0] * t[1]),), lambda x: x.T.reshape(heads, -1, x.shape[0]),
+                    lambda x: x.reshape(-1, x.shape[-1]).T)
+    return kernel, bias, out
+
+
+_QKV = [(f"transformer_blocks.attn.{s}_qkv", f"transformer_blocks.{{i}}.attn.{s}_qkv") for s in ("img", "txt")]
+_ATTN_OUT = [("transformer_blocks.attn.to_out", "transformer_blocks.{i}.attn.to_out.0"),
+             ("transformer_blocks.attn.to_add_out", "transformer_blocks.{i}.attn.to_add_out")]
+
+_LINEARS = [
+    ("img_in", "img_in"),
+    ("txt_in", "txt_in"),
+    ("time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_text_embed.timestep_embedder.linear_2", "time_text_embed.timestep_embedder.linear_2"),
+    ("norm_out.linear", "norm_out.linear"),
+    ("proj_out", "proj_out"),
+    ("transformer_blocks.img_mod", "transformer_blocks.{i}.img_mod.1"),
+    ("transformer_blocks.txt_mod", "transformer_blocks.{i}.txt_mod.1"),
+]
+_LINEARS_NO_BIAS = [
+    (f"transformer_blocks.{stream}_mlp.{w}", f"transformer_blocks.{{i}}.{stream}_mlp.{w}")
+    for stream in ("img", "txt")
+    for w in ("w1", "w2", "w3")
+]
+_NORM_WEIGHTS = [
+    ("txt_norm", "txt_norm.{i}"),
+    *[(f"transformer_blocks.attn.{n}", f"transformer_blocks.{{i}}.attn.{n}")
+      for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")],
+    *[(f"transformer_blocks.{n}", f"transformer_blocks.{{i}}.{n}")
+      for n in ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2")],
+]
+
+def dit_rules(config: TransformerConfig) -> list[Rule]:
+    """The DiT's key-mapping table (PyTorch diffusers names -> JAX pytree paths) for `config`."""
+    qkv_kernel, qkv_bias, out_kernel = qkv_transforms(config.num_attention_heads)
+    return [
+        *[Rule(f"{t}.kernel", f"{s}.weight", qkv_kernel) for t, s in _QKV],
+        *[Rule(f"{t}.bias", f"{s}.bias", qkv_bias) for t, s in _QKV],
+        *[Rule(f"{t}.kernel", f"{s}.weight", out_kernel) for t, s in _ATTN_OUT],
+        *[Rule(f"{t}.bias", f"{s}.bias", COPY) for t, s in _ATTN_OUT],
+        *[Rule(f"{t}.kernel", f"{s}.weight", LINEAR) for t, s in _LINEARS + _LINEARS_NO_BIAS],
+        *[Rule(f"{t}.bias", f"{s}.bias", COPY) for t, s in _LINEARS],
+        *[Rule(f"{t}.weight", f"{s}.weight", COPY) for t, s in _NORM_WEIGHTS],
+    ]
+
+
+def to_torch_state_dict(params, config: TransformerConfig | None = None) -> dict[str, np.ndarray]:
+    """The inverse of conversion: DiT params (or a gradient pytree of them) -> upstream PyTorch names and layouts.
+
+    Linear kernels go back to [out, in], the fused qkv to [3 * inner, d], stacked blocks to
+    `transformer_blocks.{i}.*`. Leaves keep their dtype. `config` is accepted for symmetry
+    with `load` (the tree's shapes already say everything).
+    """
+    host = jax.tree.map(np.asarray, params)
+    heads = host["transformer_blocks"]["attn"]["img_qkv"]["kernel"].shape[-2]
+    if config is not None and config.num_attention_heads != heads:
+        raise ValueError(f"params have {heads} heads but config says {config.num_attention_heads}.")
+    return to_state_dict(host, dit_rules(config or _HeadsOnly(heads)))
+
+
+class _HeadsOnly:
+    def __init__(self, heads: int):
+        self.num_attention_heads = heads
+
+
+def dit_expected_shapes(config, dtype) -> dict:
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+    return expected_shapes(abstract)
+
+
+def _weights_and_config(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"transformer path {p} does not exist.")
+    folder = p if p.is_dir() else p.parent
+    config = folder / "config.json"
+    if not config.exists():
+        raise CheckpointError(
+            f"no config.json in {folder}: pass an upstream `transformer/` folder (config.json + "
+            "diffusion_pytorch_model*.safetensors)."
+        )
+    return p, config
+
+
+def convert_dit_weights(reader: SafetensorsReader, config, dtype, source_prefix: str = "", progress=None) -> dict:
+    """Strictly map a DiT state dict (diffusers names) to the JAX pytree (numpy leaves)."""
+    flat = convert_state_dict(
+        reader, dit_rules(config), dit_expected_shapes(config, dtype),
+        source_prefix=source_prefix, what="transformer checkpoint", progress=progress,
+    )
+    return unflatten(flat)
+
+
+def convert_transformer(path: str | os.PathLike, dtype=np.float32, progress=None):
+    """Read an upstream `transformer/` folder -> (TransformerConfig, params with numpy leaves)."""
+    weights, config_path = _weights_and_config(path)
+    config = TransformerConfig.from_json(config_path)
+    reader = open_checkpoint(weights)
+    return config, convert_dit_weights(reader, config, dtype, progress=progress)
+
+
+def load(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=None) -> LensTransformer:
+    """Load an upstream `transformer/` folder (config.json + safetensors, single or sharded).
+
+    `path` may also be a single safetensors file with a `config.json` beside it.
+    """
+    config, flat = convert_transformer(path, resolve_dtype(dtype))
+    params = jax.tree.map(jnp.asarray, flat)
+    return LensTransformer(config, params, compute_dtype)
