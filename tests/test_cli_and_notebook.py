@@ -65,11 +65,11 @@ def test_quickstart_notebook_runs():
 
 
 def test_gpu_xla_flag_default_respects_the_user(monkeypatch):
-    from lens_jax.tools import cli
+    from lens_jax.tools import runtime as cli
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    cli._default_xla_flags()
+    cli.default_xla_flags()
     assert cli.GPU_XLA_FLAG in os.environ["XLA_FLAGS"] and "--xla_dump_to=/tmp/x" in os.environ["XLA_FLAGS"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
-    cli._default_xla_flags()
+    cli.default_xla_flags()
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"

@@ -1,146 +1,41 @@
-"""The `lens-jax` command line: `generate` images, `convert` checkpoints."""
+"""The `lens-jax` command line: one subcommand per module of `lens_jax.tools`.
+
+Each subcommand module has `add_parser(subparsers)` and `run(args) -> int`; a module that owns a
+whole parser of its own (the conversion tool) is listed in FORWARDED and gets the raw arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
+import importlib
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-TINY_RANDOM = "tiny-random"
-# cuBLAS beats XLA's Triton GEMM fusions on the DiT (H100: 89.5 vs 94.5 ms per CFG step at
-# 1024^2, compile 2.9 vs 8.2 s; docs/benchmarks.md). Must be set before jax is imported.
-GPU_XLA_FLAG = "--xla_gpu_enable_triton_gemm=false"
+from .runtime import default_xla_flags
 
-
-def _default_xla_flags() -> None:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_enable_triton_gemm" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {GPU_XLA_FLAG}".strip()
-
-
-def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate images from a prompt",
-                       description="Generate images with Lens. `--model tiny-random` runs offline on a tiny random model.")
-    p.add_argument("--prompt", required=True, action="append", help="the prompt (repeat for several prompts)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
-    p.add_argument("--model", default=None,
-                   help=f"checkpoint folder, hub id, or '{TINY_RANDOM}' (default: the variant's hub id)")
-    p.add_argument("--variant", default="lens", choices=["lens", "lens-base", "lens-turbo"],
-                   help="sampling defaults of a published variant (steps, guidance)")
-    p.add_argument("--aspect-ratio", default=None, help="e.g. 1:1, 16:9, 9:16, 4:3 ... (default 1:1)")
-    p.add_argument("--base-resolution", type=int, default=None, choices=[1024, 1440])
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (with --width)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (with --height)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the variant's; 1.0 = no CFG)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (jax.random; default: random, recorded in the PNG)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--dtype", default=None, choices=["bf16", "f32"], help="default: bf16 on GPU/TPU, f32 on CPU")
-    p.add_argument("--out", default="outputs", help="output folder (created if needed)")
-
-
-def _enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk so later runs skip compilation (LENS_JAX_COMPILATION_CACHE=off disables)."""
-    import jax
-
-    cache = os.environ.get("LENS_JAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "lens-jax" / "xla"))
-    if cache.lower() in ("", "0", "off", "none"):
-        return
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _load_pipeline(args):
-    from lens_jax.pipelines.text_to_image import LensPipeline, load_preset
-
-    if args.model == TINY_RANDOM:
-        print("note: --model tiny-random uses a tiny randomly initialised model; its picture is noise.",
-              file=sys.stderr)
-        pipe = LensPipeline.tiny_random(seed=0, dtype=args.dtype or "f32")
-        pipe.defaults.update({k: load_preset(args.variant)[k] for k in ("num_inference_steps", "guidance_scale")})
-        return pipe, TINY_RANDOM
-    model = args.model or load_preset(args.variant)["repo_id"]
-    return LensPipeline.from_pretrained(model, dtype=args.dtype, variant=args.variant), model
-
-
-def _save_png(image, path: Path, metadata: dict) -> None:
-    """Write atomically: a temporary file beside `path`, renamed when complete."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for k, v in metadata.items():
-        info.add_text(k, str(v))
-    info.add_text("parameters", json.dumps(metadata))
-    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def generate(args) -> int:
-    from tqdm.auto import tqdm
-
-    from lens_jax.sampling.resolution import resolve_size
-
-    # Validate cheap arguments before loading anything.
-    height, width = resolve_size(args.height, args.width, args.base_resolution, args.aspect_ratio)
-    if args.num_images < 1:
-        raise ValueError("--num-images must be at least 1.")
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    _enable_compilation_cache()
-    pipe, model = _load_pipeline(args)
-    steps = args.steps or pipe.defaults["num_inference_steps"]
-    guidance = pipe.defaults["guidance_scale"] if args.guidance is None else args.guidance
-
-    bar = tqdm(total=steps, desc="denoising", unit="step")
-    t0 = time.perf_counter()
-    out = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, height=height, width=width, num_inference_steps=steps,
-        guidance_scale=guidance, num_images_per_prompt=args.num_images, seed=seed,
-        callback=lambda step, t, latents: bar.update(1),
-    )
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i, image in enumerate(out.images):
-        prompt = args.prompt[i // args.num_images]
-        meta = {
-            "prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "image_index": i,
-            "steps": steps, "guidance": guidance, "model": model, "variant": args.variant,
-            "height": height, "width": width, "software": "lens-jax",
-        }
-        path = out_dir / f"lens-{stamp}-seed{seed}-{i}.png"
-        _save_png(image, path, meta)
-        print(path)
-    print(f"{len(out.images)} image(s) in {elapsed:.1f} s", file=sys.stderr)
-    return 0
+# subcommand -> module under lens_jax.tools
+SUBCOMMANDS = {
+    "generate": "generate",
+}
+# subcommand -> (module, help): modules with their own argparse parser and `main(argv)`
+FORWARDED = {
+    "convert": ("convert", "convert PyTorch checkpoints to orbax (see `lens-jax convert --help`)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     if "jax" not in sys.modules:
-        _default_xla_flags()
+        default_xla_flags()
     parser = argparse.ArgumentParser(prog="lens-jax", description="Lens text-to-image in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub)
-    sub.add_parser("convert", help="convert PyTorch checkpoints to orbax (see `lens-jax convert --help`)",
-                   add_help=False)
+    modules = {name: importlib.import_module(f"lens_jax.tools.{mod}") for name, mod in SUBCOMMANDS.items()}
+    for module in modules.values():
+        module.add_parser(sub)
+    for name, (_, help_text) in FORWARDED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     sub.add_parser("version", help="print the version")
     args, rest = parser.parse_known_args(argv)
-    if args.command == "convert":
-        from lens_jax.tools.convert import main as convert_main
-
-        return convert_main(rest)
+    if args.command in FORWARDED:
+        return importlib.import_module(f"lens_jax.tools.{FORWARDED[args.command][0]}").main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "version":
@@ -149,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     try:
-        return generate(args)
+        return modules[args.command].run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"lens-jax: error: {e}", file=sys.stderr)
         return 2

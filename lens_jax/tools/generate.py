@@ -1,0 +1,109 @@
+"""`lens-jax generate`: images from prompts, written as PNGs with their settings in the metadata."""
+
+from __future__ import annotations
+
+import argparse  # noqa: F401
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .runtime import enable_compilation_cache
+
+TINY_RANDOM = "tiny-random"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt",
+                       description="Generate images with Lens. `--model tiny-random` runs offline on a tiny random model.")
+    p.add_argument("--prompt", required=True, action="append", help="the prompt (repeat for several prompts)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint folder, hub id, or '{TINY_RANDOM}' (default: the variant's hub id)")
+    p.add_argument("--variant", default="lens", choices=["lens", "lens-base", "lens-turbo"],
+                   help="sampling defaults of a published variant (steps, guidance)")
+    p.add_argument("--aspect-ratio", default=None, help="e.g. 1:1, 16:9, 9:16, 4:3 ... (default 1:1)")
+    p.add_argument("--base-resolution", type=int, default=None, choices=[1024, 1440])
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (with --width)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (with --height)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the variant's; 1.0 = no CFG)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (jax.random; default: random, recorded in the PNG)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32"], help="default: bf16 on GPU/TPU, f32 on CPU")
+    p.add_argument("--out", default="outputs", help="output folder (created if needed)")
+
+
+def _load_pipeline(args):
+    from lens_jax.pipelines.text_to_image import LensPipeline, load_preset
+
+    if args.model == TINY_RANDOM:
+        print("note: --model tiny-random uses a tiny randomly initialised model; its picture is noise.",
+              file=sys.stderr)
+        pipe = LensPipeline.tiny_random(seed=0, dtype=args.dtype or "f32")
+        pipe.defaults.update({k: load_preset(args.variant)[k] for k in ("num_inference_steps", "guidance_scale")})
+        return pipe, TINY_RANDOM
+    model = args.model or load_preset(args.variant)["repo_id"]
+    return LensPipeline.from_pretrained(model, dtype=args.dtype, variant=args.variant), model
+
+
+def _save_png(image, path: Path, metadata: dict) -> None:
+    """Write atomically: a temporary file beside `path`, renamed when complete."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in metadata.items():
+        info.add_text(k, str(v))
+    info.add_text("parameters", json.dumps(metadata))
+    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from lens_jax.sampling.resolution import resolve_size
+
+    # Validate cheap arguments before loading anything.
+    height, width = resolve_size(args.height, args.width, args.base_resolution, args.aspect_ratio)
+    if args.num_images < 1:
+        raise ValueError("--num-images must be at least 1.")
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    enable_compilation_cache()
+    pipe, model = _load_pipeline(args)
+    steps = args.steps or pipe.defaults["num_inference_steps"]
+    guidance = pipe.defaults["guidance_scale"] if args.guidance is None else args.guidance
+
+    bar = tqdm(total=steps, desc="denoising", unit="step")
+    t0 = time.perf_counter()
+    out = pipe(
+        args.prompt, negative_prompt=args.negative_prompt, height=height, width=width, num_inference_steps=steps,
+        guidance_scale=guidance, num_images_per_prompt=args.num_images, seed=seed,
+        callback=lambda step, t, latents: bar.update(1),
+    )
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i, image in enumerate(out.images):
+        prompt = args.prompt[i // args.num_images]
+        meta = {
+            "prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "image_index": i,
+            "steps": steps, "guidance": guidance, "model": model, "variant": args.variant,
+            "height": height, "width": width, "software": "lens-jax",
+        }
+        path = out_dir / f"lens-{stamp}-seed{seed}-{i}.png"
+        _save_png(image, path, meta)
+        print(path)
+    print(f"{len(out.images)} image(s) in {elapsed:.1f} s", file=sys.stderr)
+    return 0
