@@ -321,35 +321,6 @@ def _max_abs(a, b) -> float:
     return float(np.nan_to_num(d, nan=np.inf).max()) if d.size else 0.0
 
 
-def _forward(component: str, config, params, dtype) -> list:
-    import jax
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(0)
-    if component == "transformer":
-        from ..models import transformer as dit
-
-        h = w = 2
-        x = jnp.asarray(rng.standard_normal((1, h * w, config.in_channels)), jnp.float32)
-        feats = [jnp.asarray(rng.standard_normal((1, 5, config.enc_hidden_dim)), jnp.float32)
-                 for _ in range(config.num_text_layers)]
-        mask = jnp.asarray([[True, True, True, True, False]])
-        t = jnp.asarray([0.5], jnp.float32)
-        return [dit.apply(params, config, x, feats, mask, t, (h, w))]
-    if component == "vae":
-        from ..models.vae.model import decode
-
-        z = jnp.asarray(rng.standard_normal((1, 4, 4, config.latent_channels)), jnp.float32).astype(dtype)
-        return [jax.jit(decode, static_argnums=1)(params, config, z)]
-    if component == "text_encoder":
-        from ..models.text_encoder import TextEncoder
-
-        ids = rng.integers(0, config.vocab_size, (1, 6))
-        te = TextEncoder(config, params, tuple(range(config.num_hidden_layers)))
-        return list(te(ids, np.ones_like(ids)))
-    raise ValueError(component)
-
-
 def verify(job: Job, out: Path, dtype) -> float:
     """Max |converted - source| over a forward pass of the component; the caller decides pass/fail."""
     import jax
@@ -358,10 +329,10 @@ def verify(job: Job, out: Path, dtype) -> float:
 
     _, converted = load_component(out, job.component, dtype, keep_mxfp4=job.keep_mxfp4 if job.component ==
                                   "text_encoder" else None)
-    got = [np.asarray(x) for x in _forward(job.component, job.config, converted, dtype)]
+    got = [np.asarray(x) for x in registry.component(job.component).verify_forward(job.config, converted, dtype)]
     del converted
     source = jax.tree.map(jax.numpy.asarray, job.load_source())
-    ref = [np.asarray(x) for x in _forward(job.component, job.config, source, dtype)]
+    ref = [np.asarray(x) for x in registry.component(job.component).verify_forward(job.config, source, dtype)]
     del source
     if len(got) != len(ref):
         return float("inf")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from ..models import text_encoder as te
 from ..models import transformer as dit
@@ -28,6 +30,7 @@ class Component:
     init_params: Callable[..., Any]  # (config, key, dtype, **options) -> params
     param_axes: Callable[..., Any]  # (config, **options) -> logical axes tree
     stacked_key: str | None  # the subtree stacked on a leading layer axis (scanned), if any
+    verify_forward: Callable[..., list]  # (config, params, dtype) -> outputs of a small fixed forward pass
 
     def abstract_params(self, config, dtype, **options) -> Any:
         """ShapeDtypeStructs of the parameters, as `init_params` builds them."""
@@ -44,14 +47,35 @@ def _te_axes(config, packed: bool = False, num_layers: int | None = None):
     return te.param_axes(cfg, packed=packed)
 
 
+def _dit_forward(config, params, dtype) -> list:
+    rng = np.random.default_rng(0)
+    h = w = 2
+    x = jnp.asarray(rng.standard_normal((1, h * w, config.in_channels)), jnp.float32)
+    feats = [jnp.asarray(rng.standard_normal((1, 5, config.enc_hidden_dim)), jnp.float32)
+             for _ in range(config.num_text_layers)]
+    mask = jnp.asarray([[True, True, True, True, False]])
+    return [dit.apply(params, config, x, feats, mask, jnp.asarray([0.5], jnp.float32), (h, w))]
+
+
+def _vae_forward(config, params, dtype) -> list:
+    z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 4, 4, config.latent_channels)), jnp.float32)
+    return [jax.jit(vae_model.decode, static_argnums=1)(params, config, z.astype(dtype))]
+
+
+def _te_forward(config, params, dtype) -> list:
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 6))
+    encoder = te.TextEncoder(config, params, tuple(range(config.num_hidden_layers)))
+    return list(encoder(ids, np.ones_like(ids)))
+
+
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
         Component("transformer", dit.TransformerConfig.from_json, dit.init_params,
-                  lambda config, **_: dit.param_axes(config), "transformer_blocks"),
-        Component("text_encoder", te.TextEncoderConfig.from_json, _te_init, _te_axes, "layers"),
+                  lambda config, **_: dit.param_axes(config), "transformer_blocks", _dit_forward),
+        Component("text_encoder", te.TextEncoderConfig.from_json, _te_init, _te_axes, "layers", _te_forward),
         Component("vae", vae_config.VAEConfig.from_json, vae_model.init_params,
-                  lambda config, **_: vae_model.param_axes(config), None),
+                  lambda config, **_: vae_model.param_axes(config), None, _vae_forward),
     )
 }
 
