@@ -51,7 +51,7 @@ def _st_dtype(dtype) -> str:
 
 def source_tensors(rules, expected) -> list[tuple[str, tuple[int, ...], str]]:
     """(key, shape, kind) of every source tensor the mapping `rules` reads, from the target shapes."""
-    from convert.mapping import _plan
+    from lens_jax.weights.mapping import _plan
 
     out = []
     for plan in _plan(rules, expected):
@@ -100,7 +100,7 @@ def build_source(model: str, layers: int, root: Path) -> tuple[list[str], int]:
     """Write the synthetic source under `root`; returns (convert arguments naming it, bytes written)."""
     import jax.numpy as jnp
 
-    import configs
+    from lens_jax import configs
 
     src = root / "src"
     if model == "dit":
@@ -117,7 +117,7 @@ def build_source(model: str, layers: int, root: Path) -> tuple[list[str], int]:
         size = write_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors)
         return ["--components", "transformer"], size
     if model == "text_encoder":
-        from convert.text_encoder import text_encoder_expected_shapes, text_encoder_rules
+        from lens_jax.weights.text_encoder import text_encoder_expected_shapes, text_encoder_rules
         from lens_jax.text_encoder import TextEncoderConfig
 
         cfg = configs.load_json("lens/text_encoder.json")
@@ -149,7 +149,7 @@ def status():
             d[k] = int(v.split()[0]) * 1024
     return d
 import jax, numpy, orbax.checkpoint.experimental.v1  # noqa
-import convert.__main__ as cli, convert.transformer, convert.text_encoder  # noqa
+import lens_jax.tools.convert as cli, lens_jax.weights.dit, lens_jax.weights.text_encoder  # noqa
 base = status()
 t = time.perf_counter()
 rc = cli.main(sys.argv[1:])

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import configs
-from lens_jax import sharding as sh
+from lens_jax import LensPipeline, configs, parallel
 from lens_jax import transformer as dit
 from lens_jax import vae as vae_lib
-from lens_jax.pipeline import LensPipeline, _Component, load_preset
+from lens_jax.pipelines.components import Component
+from lens_jax.pipelines.text_to_image import load_preset
 
 
 def main() -> None:
@@ -40,15 +40,16 @@ def main() -> None:
     height, width = (int(v) for v in args.size.split("x"))
     dcfg = dit.TransformerConfig.from_dict(configs.load_json(f"{name}/transformer.json"))
     vcfg = vae_lib.VAEConfig.from_dict(configs.load_json(f"{name}/vae.json"))
-    mesh = sh.make_mesh()
+    mesh = parallel.make_mesh()
 
-    def init(fn, cfg, seed, fsdp):  # initialise straight into the pipeline's sharding: no second copy
+    def init(fn, cfg, seed, axes_fn):  # initialise straight into the pipeline's sharding: no second copy
         abstract = jax.eval_shape(lambda k: fn(cfg, k, dtype), jax.random.key(seed))
-        out = sh.param_shardings(abstract, mesh, fsdp)
+        out = (parallel.logical_shardings(abstract, axes_fn(cfg), mesh) if axes_fn else
+               parallel.replicated_shardings(abstract, mesh))
         return jax.jit(fn, static_argnums=(0, 2), out_shardings=out)(cfg, jax.random.key(seed), dtype)
 
-    pipe = LensPipeline(_Component(dcfg, init(dit.init_params, dcfg, 0, True)),
-                        _Component(vcfg, init(vae_lib.init_params, vcfg, 1, False)),
+    pipe = LensPipeline(Component(dcfg, init(dit.init_params, dcfg, 0, dit.param_axes)),
+                        Component(vcfg, init(vae_lib.init_params, vcfg, 1, None)),
                         tokenizer=None, text_encoder_factory=None, dtype=dtype, mesh=mesh)
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_in_use" in stats:

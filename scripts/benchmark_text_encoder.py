@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lens_jax import mxfp4
-from lens_jax import text_encoder as T
+from lens_jax import text_encoder as T_public
+from lens_jax.models import mxfp4
+from lens_jax.models import text_encoder as T
 
 # openai/gpt-oss-20b as shipped in Lens' text_encoder/config.json (fields the encoder reads).
 REAL = dict(
@@ -149,7 +150,7 @@ def main() -> None:
     if compare:
         tmp = tempfile.TemporaryDirectory()
         torch_model = build_torch_twin(cfg_dict, Path(tmp.name))
-        te = T.load(tmp.name, selected, dtype, keep_mxfp4=not args.dequantized)
+        te = T_public.load(tmp.name, selected, dtype, keep_mxfp4=not args.dequantized)
         params = te.params
     else:
         init = jax.jit(lambda k: T.init_params(config, k, dtype, packed=not args.dequantized))

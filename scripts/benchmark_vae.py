@@ -58,7 +58,7 @@ def run_one(args) -> dict:
     import jax.numpy as jnp
 
     import lens_jax.vae as V
-    from lens_jax.dtypes import resolve_dtype
+    from lens_jax.models.dtypes import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
     h, w = _parse_size(args.single)
