@@ -41,6 +41,7 @@ from . import mxfp4
 from .dtypes import resolve_dtype
 from .axes import ACT_HEADS, BATCH, EMBED, EXPERTS, HEADS, KV_HEADS, MLP, VOCAB, Constrain, axes_from_table, constrain
 from .nn import dense, rms_norm
+from .streaming import LayerStream, scan_layers
 
 Params = dict
 
@@ -549,10 +550,10 @@ def check_selected_layers(selected_layers: Sequence[int], available: int, total:
     return sel
 
 
-@partial(jax.jit, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding"))
+@partial(jax.jit, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding", "stream"))
 def apply(params: Params, config: TextEncoderConfig, input_ids: jax.Array, attention_mask: jax.Array,
           selected_layers: tuple[int, ...], moe_impl: str = "grouped", moe_chunk: int | None = None,
-          sharding: Constrain | None = None) -> list[jax.Array]:
+          sharding: Constrain | None = None, stream: LayerStream | None = None) -> list[jax.Array]:
     """Hidden states after each selected decoder layer (0-based, no final norm).
 
     input_ids [B, S] int, attention_mask [B, S] (1/True = token, 0 = right padding). Runs only
@@ -585,7 +586,26 @@ def apply(params: Params, config: TextEncoderConfig, input_ids: jax.Array, atten
         h = constrain(h, (BATCH, None, None), sharding)
         return h, h
 
-    _, per_layer = jax.lax.scan(layer, hidden.astype(dtype), jnp.arange(n_run))
+    if stream is None:
+        _, per_layer = jax.lax.scan(layer, hidden.astype(dtype), jnp.arange(n_run))
+        return [per_layer[i] for i in sel]
+
+    # Streamed from host memory: each layer's tree (experts included) comes to the device one ahead.
+    stacked = {**jax.tree.map(lambda a: a[:n_run], dense_layers), "experts": jax.tree.map(lambda a: a[:n_run], experts)}
+
+    def streamed_layer(carry, p):
+        h, i = carry
+        mask = jnp.where(is_sliding[i], sliding_mask, full_mask)
+        x = rms_norm(h, p["input_layernorm"]["weight"], eps)
+        h = h + attention(p["self_attn"], x, cos, sin, mask, config, sharding)
+        x = rms_norm(h, p["post_attention_layernorm"]["weight"], eps).reshape(b * s, -1)
+        weights, idx = route(x, p["router"], config.num_experts_per_tok)
+        one = jax.tree.map(lambda a: a[None], p["experts"])
+        h = h + moe(x, one, 0, weights, idx, config, moe_impl, moe_chunk).reshape(b, s, -1)
+        h = constrain(h, (BATCH, None, None), sharding)
+        return (h, i + 1), h
+
+    _, per_layer = scan_layers(streamed_layer, (hidden.astype(dtype), jnp.int32(0)), stacked, stream)
     return [per_layer[i] for i in sel]
 
 
@@ -606,6 +626,7 @@ class TextEncoder:
     moe_impl: str = "grouped"
     moe_chunk: int | None = None
     sharding: Any = None  # static activation-sharding rules (lens_jax.parallel.BoundRules) or None
+    stream: Any = None  # layers streamed from host memory (lens_jax.parallel.offload) or None
 
     def __post_init__(self):
         self.selected_layers = check_selected_layers(
@@ -635,4 +656,4 @@ class TextEncoder:
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}."
             )
         return apply(self.params, self.config, input_ids.astype(jnp.int32), attention_mask.astype(bool),
-                     self.selected_layers, self.moe_impl, self.moe_chunk, self.sharding)
+                     self.selected_layers, self.moe_impl, self.moe_chunk, self.sharding, self.stream)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .axes import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, MLP, Constrain, axes_from_table, constrain
 from .nn import dense, layer_norm, rms_norm
+from .streaming import LayerStream, scan_layers
 
 __all__ = [
     "TransformerConfig",
@@ -345,7 +346,7 @@ def default_attention_impl(dtype) -> str | None:
     return None
 
 
-@partial(jax.jit, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl", "sharding"))
+@partial(jax.jit, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl", "sharding", "stream"))
 def apply(
     params: Params,
     config: TransformerConfig,
@@ -357,6 +358,7 @@ def apply(
     compute_dtype=None,
     attention_impl: str | None = None,
     sharding: Constrain | None = None,
+    stream: LayerStream | None = None,
 ) -> jax.Array:
     """DiT forward: velocity [B, h*w, patch^2 * out_channels] for image tokens [B, h*w, in_channels].
 
@@ -364,6 +366,8 @@ def apply(
     encoder_hidden_states_mask: [B, S] bool (True = visible text token); timestep: [B] sigma in
     [0, 1]; img_shape: the static token grid (h, w). `compute_dtype` defaults to the params'
     dtype; `attention_impl` is passed to `jax.nn.dot_product_attention` ("cudnn" or None/"xla").
+    `sharding` constrains activations (lens_jax.parallel.BoundRules); `stream` brings the stacked
+    blocks from host memory one layer ahead (lens_jax.parallel.offload).
     """
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["img_in"]["kernel"].dtype
     h, w = img_shape
@@ -382,7 +386,7 @@ def apply(
     def step(carry, p):
         return block(p, config, *carry, temb_act, rope, key_mask, key_lengths, attention_impl, sharding), None
 
-    (img, _), _ = jax.lax.scan(step, (img, txt), params["transformer_blocks"])
+    (img, _), _ = scan_layers(step, (img, txt), params["transformer_blocks"], stream)
 
     scale, shift = jnp.split(dense(temb_act, params["norm_out"]["linear"]), 2, axis=-1)  # (scale, shift) order
     img = layer_norm(img, NORM_OUT_EPS) * (1 + scale[:, None]) + shift[:, None]

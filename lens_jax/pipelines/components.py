@@ -15,7 +15,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from .. import configs
+from .. import configs, parallel
+from ..parallel import offload
+from ..parallel.offload import streams
 from ..models import text_encoder as te_lib
 from ..models import transformer as dit
 from ..models import vae as vae_lib
@@ -44,34 +46,53 @@ class Components:
 
 
 def load_components(root: Path, dtype, keep_mxfp4: bool | None = None, mesh=None, fsdp: bool = True,
-                    rules=None) -> Components:
+                    rules=None, offload: str = "none") -> Components:
     """Read every component of a Lens diffusers folder (text encoder lazily, via a factory).
 
     A conversion output (it has a manifest.json) is restored from its orbax checkpoints instead,
-    each parameter directly into its sharding on `mesh`, without torch.
+    each parameter directly into its sharding on `mesh`, without torch. Under `offload` the
+    streamed components' stacked layers are placed in pinned host memory.
     """
     if orbax_io.is_converted(root):
-        return load_converted(root, dtype, keep_mxfp4=keep_mxfp4, mesh=mesh, fsdp=fsdp, rules=rules)
+        return load_converted(root, dtype, keep_mxfp4=keep_mxfp4, mesh=mesh, fsdp=fsdp, rules=rules, offload=offload)
     hub.check_layout(root)
     dit_config, dit_params = convert_transformer(root / "transformer", dtype)
     vae_config, vae_params = convert_vae(root / "vae", dtype)
     selected = tuple(dit_config.selected_layer_index)
 
     def text_encoder_factory():
-        return te_weights.load(root / "text_encoder", selected, dtype, keep_mxfp4=keep_mxfp4)
+        place = None
+        if mesh is not None:
+            def place(host_params):
+                return place_text_encoder(host_params, mesh, fsdp, rules, offload)
+        return te_weights.load(root / "text_encoder", selected, dtype, keep_mxfp4=keep_mxfp4, place=place)
 
     return assemble(root, Component(dit_config, dit_params), Component(vae_config, vae_params), text_encoder_factory)
 
 
+def place_text_encoder(host_params, mesh, fsdp: bool = True, rules=None, offload_mode: str = "none"):
+    """Put text-encoder parameters (numpy) on `mesh` by their logical axes; stacked layers in host
+    memory when the text encoder streams under `offload_mode`."""
+    if fsdp:
+        axes = te_lib.param_axes(None, params=host_params)
+        shardings = parallel.logical_shardings(host_params, axes, mesh, rules or parallel.DEFAULT_RULES)
+    else:
+        shardings = parallel.replicated_shardings(host_params, mesh)
+    if offload.streams(offload_mode, "text_encoder"):
+        shardings = offload.on_host(shardings, "layers")
+    return parallel.put_tree(host_params, shardings)
+
+
 def load_converted(root: str | Path, dtype, keep_mxfp4: bool | None = None, mesh=None, fsdp: bool = True,
-                   rules=None) -> Components:
+                   rules=None, offload: str = "none") -> Components:
     """Every component of a conversion output. The DiT and VAE are restored now (into their
     shardings on `mesh`); the text encoder lazily, with only the decoder layers the DiT selects."""
     root = Path(root)
     manifest = orbax_io.check_components(root)
     te_config = te_lib.TextEncoderConfig.from_json(root / "text_encoder" / "config.json")
     orbax_io.text_encoder_packed(root, manifest, keep_mxfp4)  # a contradicting keep_mxfp4 fails now
-    dit_config, dit_params = orbax_io.load_component(root, "transformer", dtype, mesh=mesh, fsdp=fsdp, rules=rules)
+    dit_config, dit_params = orbax_io.load_component(root, "transformer", dtype, mesh=mesh, fsdp=fsdp, rules=rules,
+                                                     layers_on_host=streams(offload, "transformer"))
     vae_config, vae_params = orbax_io.load_component(root, "vae", dtype, mesh=mesh, fsdp=False)
     selected = tuple(dit_config.selected_layer_index)
     needed = max(selected) + 1
@@ -79,7 +100,8 @@ def load_converted(root: str | Path, dtype, keep_mxfp4: bool | None = None, mesh
 
     def text_encoder_factory():
         config, params = orbax_io.load_component(root, "text_encoder", dtype, mesh=mesh, fsdp=fsdp,
-                                                 keep_mxfp4=keep_mxfp4, num_layers=needed, rules=rules)
+                                                 keep_mxfp4=keep_mxfp4, num_layers=needed, rules=rules,
+                                                 layers_on_host=streams(offload, "text_encoder"))
         return te_lib.TextEncoder(config, params, te_lib.check_selected_layers(selected, needed,
                                                                                config.num_hidden_layers))
 
@@ -97,6 +119,21 @@ def assemble(root: Path, transformer: Component, vae: Component, text_encoder_fa
         scheduler=SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
         txt_offset=prompt_lib.read_txt_offset(root),
     )
+
+
+def estimate_bytes(root: Path, dtype, keep_mxfp4: bool | None = None) -> tuple[int, int, int]:
+    """(DiT, text encoder, activations) bytes on the device for a checkpoint root, from its configs alone."""
+    def size(tree) -> int:
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+    dit_config = dit.TransformerConfig.from_json(Path(root) / "transformer" / "config.json")
+    te_config = te_lib.TextEncoderConfig.from_json(Path(root) / "text_encoder" / "config.json")
+    needed = max(dit_config.selected_layer_index) + 1
+    packed = te_config.quant_method == "mxfp4" if keep_mxfp4 is None else keep_mxfp4
+    dit_bytes = size(jax.eval_shape(lambda: dit.init_params(dit_config, jax.random.key(0), dtype)))
+    te_bytes = size(jax.eval_shape(lambda: te_lib.init_params(te_config.truncated(needed), jax.random.key(0), dtype,
+                                                              packed=packed)))
+    return dit_bytes, te_bytes, 4 * 2**30  # activations: a generous bound for 1440^2 with CFG in bf16
 
 
 def tiny_random_components(seed: int, dtype) -> Components:

@@ -26,6 +26,7 @@ import numpy as np
 from .. import configs, parallel
 from ..models import transformer as dit
 from ..models.dtypes import resolve_dtype
+from ..parallel import offload as offload_lib
 from ..sampling import sampler as sampler_lib
 from ..sampling.resolution import PIXELS_PER_TOKEN, resolve_size
 from ..sampling.scheduler import SchedulerConfig, schedule
@@ -108,8 +109,11 @@ class LensPipeline:
         defaults: dict | None = None,
         fsdp: bool = True,
         name: str = "",
+        offload: str = "none",
     ):
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        self.offload = offload_lib.choose(offload, _nbytes(transformer.params), 0, 0) if offload == "auto" \
+            else offload_lib.check_mode(offload)
         self.rules = rules or parallel.DEFAULT_RULES
         self.dtype = resolve_dtype(dtype)
         self.dit_config = transformer.config
@@ -119,6 +123,8 @@ class LensPipeline:
             parallel.logical_shardings(transformer.params, dit_spec.param_axes(self.dit_config), self.mesh, self.rules)
             if fsdp else parallel.replicated_shardings(transformer.params, self.mesh)
         )
+        if offload_lib.streams(self.offload, "transformer"):
+            dit_shardings = offload_lib.on_host(dit_shardings, dit_spec.stacked_key)
         self._dit_shardings = sampler_lib.ShardingTree(dit_shardings)
         self._vae_shardings = sampler_lib.ShardingTree(parallel.replicated_shardings(vae.params, self.mesh))
         self.dit_params = parallel.put_tree(transformer.params, self._dit_shardings.tree)
@@ -152,20 +158,27 @@ class LensPipeline:
         template_date: str = prompt_lib.DEFAULT_DATE,
         fsdp: bool = True,
         revision: str | None = None,
+        offload: str = "none",
     ) -> "LensPipeline":
         """Load the upstream diffusers layout (a local folder or a hub id) or a `convert` output.
 
         dtype: None = bf16 on GPU/TPU, f32 on CPU. variant: 'lens' | 'lens-base' | 'lens-turbo'
         sets the default steps/guidance (otherwise upstream's call defaults, 50 and 4.0).
+        offload: 'none' | 'text_encoder' | 'all' | 'auto' (`lens_jax.parallel.offload`): stream the
+        text encoder's layers, or the DiT's blocks too, from pinned host memory.
         """
         root = hub.resolve_checkpoint(path_or_repo_id, revision=revision)
         dtype = resolve_dtype(dtype)
         mesh = mesh if mesh is not None else parallel.make_mesh()
-        parts = components_lib.load_components(root, dtype, keep_mxfp4=keep_mxfp4, mesh=mesh, fsdp=fsdp, rules=rules)
+        if offload == "auto":
+            offload = offload_lib.choose(offload, *components_lib.estimate_bytes(root, dtype, keep_mxfp4))
+        offload_lib.check_mode(offload)
+        parts = components_lib.load_components(root, dtype, keep_mxfp4=keep_mxfp4, mesh=mesh, fsdp=fsdp, rules=rules,
+                                               offload=offload)
         defaults = load_preset(variant) if variant else None
         return cls.from_components(
             parts, mesh=mesh, rules=rules, dtype=dtype, keep_text_encoder=keep_text_encoder,
-            template_date=template_date, defaults=defaults, fsdp=fsdp, name=str(path_or_repo_id),
+            template_date=template_date, defaults=defaults, fsdp=fsdp, name=str(path_or_repo_id), offload=offload,
         )
 
     @classmethod
@@ -189,6 +202,11 @@ class LensPipeline:
             te = self._text_encoder_factory()
             if self._activation_sharding is not None:
                 te.sharding = self._activation_sharding
+            if offload_lib.streams(self.offload, "text_encoder"):
+                layers = te.params["layers"]
+                on_host = jax.tree.map(lambda a: a.sharding.with_memory_kind(offload_lib.HOST), layers)
+                te.params = {**te.params, "layers": parallel.put_tree(layers, on_host)}  # no-op when already there
+                te.stream = parallel.HostStream()
             self._text_encoder = te
         return self._text_encoder
 
@@ -276,6 +294,7 @@ class LensPipeline:
         spec = sampler_lib.SamplerSpec(
             self.dit_config, self.vae_config, (h, w), steps, use_cfg, output_type != "latent", return_trajectory,
             jnp.dtype(self.dtype), dit.default_attention_impl(self.dtype), self._activation_sharding,
+            parallel.HostStream() if offload_lib.streams(self.offload, "transformer") else None,
         )
         programs = sampler_lib.build_programs(spec, self.mesh, self._dit_shardings, self._vae_shardings, batch,
                                               mask.shape[0])
@@ -358,6 +377,10 @@ class LensPipeline:
             return latents
         seed = random.randrange(2**31) if seed is None else int(seed)
         return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _to_pil(images: np.ndarray) -> list:

@@ -44,6 +44,7 @@ class SamplerSpec:
     compute_dtype: Any
     attention_impl: str | None
     sharding: parallel.BoundRules | None = None  # activation constraints (a mesh with tensor/fsdp axes)
+    stream: Any = None  # DiT blocks streamed from host memory (lens_jax.parallel.HostStream) or None
 
 
 def velocity(spec: SamplerSpec, dit_params, x, features, mask, t, guidance):
@@ -52,7 +53,7 @@ def velocity(spec: SamplerSpec, dit_params, x, features, mask, t, guidance):
     x_in = jnp.concatenate([x, x]) if spec.use_cfg else x
     v = dit.apply(
         dit_params, spec.dit_config, x_in, features, mask, jnp.full((x_in.shape[0],), t / 1000.0, jnp.float32),
-        spec.img_shape, spec.compute_dtype, spec.attention_impl, spec.sharding,
+        spec.img_shape, spec.compute_dtype, spec.attention_impl, spec.sharding, spec.stream,
     )
     if spec.use_cfg:
         return guided_velocity(v[:b], v[b:], guidance)

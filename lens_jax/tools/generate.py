@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"], help="default: bf16 on GPU/TPU, f32 on CPU")
     p.add_argument("--out", default="outputs", help="output folder (created if needed)")
+    p.add_argument("--offload", default="none", choices=["none", "text_encoder", "all", "auto"],
+                   help="stream layers from host memory: the text encoder's, or the DiT's too (small GPUs)")
 
 
 def _load_pipeline(args):
@@ -43,11 +45,11 @@ def _load_pipeline(args):
     if args.model == TINY_RANDOM:
         print("note: --model tiny-random uses a tiny randomly initialised model; its picture is noise.",
               file=sys.stderr)
-        pipe = LensPipeline.tiny_random(seed=0, dtype=args.dtype or "f32")
+        pipe = LensPipeline.tiny_random(seed=0, dtype=args.dtype or "f32", offload=args.offload)
         pipe.defaults.update({k: load_preset(args.variant)[k] for k in ("num_inference_steps", "guidance_scale")})
         return pipe, TINY_RANDOM
     model = args.model or load_preset(args.variant)["repo_id"]
-    return LensPipeline.from_pretrained(model, dtype=args.dtype, variant=args.variant), model
+    return LensPipeline.from_pretrained(model, dtype=args.dtype, variant=args.variant, offload=args.offload), model
 
 
 def _save_png(image, path: Path, metadata: dict) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 from flax import traverse_util
 
 from .. import parallel
+from ..parallel import offload
 from ..errors import ConvertedCheckpointError
 from . import registry
 from .mapping import check_state_dict, read_target, unflatten
@@ -309,7 +310,8 @@ def check_components(root: str | Path, names: Sequence[str] = tuple(COMPONENTS))
 
 
 def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: bool = True,
-                   keep_mxfp4: bool | None = None, num_layers: int | None = None, rules=None):
+                   keep_mxfp4: bool | None = None, num_layers: int | None = None, rules=None,
+                   layers_on_host: bool = False):
     """(config, params) of one converted component; params placed on `mesh` (default: first device).
 
     dtype: the parameter dtype to restore into (leaves the model keeps in float32, such as the
@@ -317,7 +319,8 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
     straight into the sharding its logical axes get from `rules` (default
     `lens_jax.parallel.DEFAULT_RULES`; `fsdp=False` replicates). `keep_mxfp4` (text encoder):
     None = as converted; a value contradicting the conversion is an error. `num_layers` (text
-    encoder): restore only the first decoder layers.
+    encoder): restore only the first decoder layers. `layers_on_host`: the stacked layers go to
+    pinned host memory (streamed offload, `lens_jax.parallel.offload`), never through the device.
     """
     spec = registry.component(component)
     root = Path(root)
@@ -335,6 +338,8 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
         shardings = parallel.logical_shardings(abstract, axes, mesh, rules or parallel.DEFAULT_RULES)
     else:
         shardings = parallel.replicated_shardings(abstract, mesh)
+    if layers_on_host and shardings is not None and spec.stacked_key:
+        shardings = offload.on_host(shardings, spec.stacked_key)
     params = load_params(root / component / PARAMS_DIR, abstract, shardings, stacked_key=spec.stacked_key,
                          what=f"converted {component}")
     return config, params

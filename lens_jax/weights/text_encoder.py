@@ -174,17 +174,19 @@ def resolve_folder(path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, selected_layers: Sequence[int] = DEFAULT_SELECTED_LAYERS, dtype=jnp.float32,
-         keep_mxfp4: bool | None = None, moe_impl: str = "grouped", moe_chunk: int | None = None) -> TextEncoder:
+         keep_mxfp4: bool | None = None, moe_impl: str = "grouped", moe_chunk: int | None = None,
+         place=None) -> TextEncoder:
     """Load an HF-format GPT-OSS folder (config.json + safetensors; float or MXFP4 experts).
 
     Only decoder layers 0..max(selected_layers) are read. `keep_mxfp4`: None keeps MXFP4 experts
     packed (uint8 on the device, dequantised in the forward) when the checkpoint has them; False
     dequantises them at load time to `dtype`; True requires an MXFP4 checkpoint. The checkpoint's
-    `model.norm.weight` and `lm_head.weight` are accepted and ignored.
+    `model.norm.weight` and `lm_head.weight` are accepted and ignored. `place(host_tree) -> tree`
+    puts the host (numpy) parameters where they belong (default: the default device).
     """
     folder = resolve_folder(path)
     config = TextEncoderConfig.from_json(folder / "config.json")
     sel = check_selected_layers(selected_layers, config.num_hidden_layers)
     config, flat = convert_text_encoder(folder, resolve_dtype(dtype), keep_mxfp4=keep_mxfp4, num_layers=max(sel) + 1)
-    params = jax.tree.map(jnp.asarray, flat)
+    params = jax.tree.map(jnp.asarray, flat) if place is None else place(flat)
     return TextEncoder(config, params, sel, moe_impl, moe_chunk)

@@ -1,0 +1,82 @@
+"""Offloading: stacked layer parameters in pinned host memory, streamed to the device layer by layer.
+
+Modes (`LensPipeline.from_pretrained(..., offload=)`, `lens-jax generate --offload`):
+
+    none          everything on the device
+    text_encoder  the text encoder's decoder layers stay in host memory and stream in while it runs
+    all           the DiT's 48 blocks too, streamed at every step inside the sampler's program
+    auto          the smallest offload that fits the device's free memory (said on stderr)
+
+Non-stacked parameters (embeddings, norms, the VAE) stay on the device. The models take the
+stream as a static argument and fetch layer i + 1 while layer i computes
+(`lens_jax.models.streaming`); XLA schedules the host-to-device copies asynchronously.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding
+
+from ..errors import InputError
+
+OFFLOAD_MODES = ("none", "text_encoder", "all", "auto")
+HOST = "pinned_host"
+
+
+@dataclass(frozen=True)
+class HostStream:
+    """Brings one layer's parameters from host memory into device memory (keeps their sharding)."""
+
+    def to_device(self, tree: Any) -> Any:
+        return jax.device_put(tree, jax.memory.Space.Device)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in OFFLOAD_MODES:
+        raise InputError(f"offload={mode!r} is not a mode; choose one of {', '.join(OFFLOAD_MODES)}.")
+    return mode
+
+
+def streams(mode: str, component: str) -> bool:
+    """Whether `component` ("transformer" or "text_encoder") streams its layers under `mode`."""
+    return mode == "all" or (mode == "text_encoder" and component == "text_encoder")
+
+
+def on_host(shardings: Any, stacked_key: str) -> Any:
+    """`shardings` with every leaf under `stacked_key` moved to pinned host memory."""
+    def move(path, s):
+        under = bool(path) and getattr(path[0], "key", None) == stacked_key
+        return s.with_memory_kind(HOST) if under and isinstance(s, NamedSharding) else s
+
+    return jax.tree_util.tree_map_with_path(move, shardings)
+
+
+def free_device_bytes() -> int | None:
+    """Free memory of the first local device, when the runtime reports it (GPUs do; CPUs do not)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def choose(mode: str, dit_bytes: int, text_encoder_bytes: int, activation_bytes: int) -> str:
+    """Resolve "auto" from the device's free memory; other modes pass through."""
+    if check_mode(mode) != "auto":
+        return mode
+    free = free_device_bytes()
+    if free is None:
+        chosen, why = "none", "the device reports no memory limit"
+    elif dit_bytes + text_encoder_bytes + activation_bytes <= free:
+        chosen, why = "none", "everything fits"
+    elif dit_bytes + activation_bytes <= free:
+        chosen, why = "text_encoder", "the DiT fits but not the text encoder beside it"
+    else:
+        chosen, why = "all", "the DiT does not fit whole"
+    gib = 2**30
+    print(f"lens-jax: offload=auto chose {chosen!r} ({why}; free {0 if free is None else free / gib:.1f} GiB, "
+          f"DiT {dit_bytes / gib:.1f} GiB, text encoder {text_encoder_bytes / gib:.1f} GiB)", file=sys.stderr)
+    return chosen
