@@ -141,6 +141,7 @@ class LensPipeline:
         self.defaults = dict(UPSTREAM_DEFAULTS, **(defaults or {}))
         self.fsdp = fsdp
         self.name = name
+        self._programs: dict = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -296,8 +297,11 @@ class LensPipeline:
             jnp.dtype(self.dtype), dit.default_attention_impl(self.dtype), self._activation_sharding,
             parallel.HostStream() if offload_lib.streams(self.offload, "transformer") else None,
         )
-        programs = sampler_lib.build_programs(spec, self.mesh, self._dit_shardings, self._vae_shardings, batch,
-                                              mask.shape[0])
+        key = (spec, batch, mask.shape[0])
+        programs = self._programs.get(key)
+        if programs is None:  # one set of compiled programs per shape, owned by this pipeline
+            programs = self._programs[key] = sampler_lib.build_programs(
+                spec, self.mesh, self._dit_shardings, self._vae_shardings, batch, mask.shape[0])
         dtype, mesh = self.dtype, self.mesh
         rep = parallel.replicated(mesh)
         args = (

@@ -16,7 +16,6 @@ schedule without a new program.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable
 
 import jax
@@ -102,12 +101,11 @@ class Programs:
     decode: Callable | None
 
 
-@lru_cache(maxsize=32)
 def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, batch: int, text_rows: int) -> Programs:
     """jit the sampler for one spec with declared in/out shardings on `mesh`.
 
-    `dit_shardings`/`vae_shardings` are `ShardingTree`s (pytrees of `NamedSharding`, hashed by
-    identity so this cache can key on them); the latents are donated on accelerators.
+    `dit_shardings`/`vae_shardings` are `ShardingTree`s (pytrees of `NamedSharding`); the latents
+    are donated on accelerators. The caller keeps the result (a pipeline caches its own programs).
     """
     lat = parallel.batch_sharding(mesh, batch, 3)
     txt = parallel.batch_sharding(mesh, text_rows, 3)
@@ -158,7 +156,7 @@ def run(programs: Programs, spec: SamplerSpec, dit_params, vae_params, latents, 
 
 
 class ShardingTree:
-    """A pytree of shardings made hashable by identity, for `build_programs`' cache."""
+    """A pytree of shardings made hashable by identity (jit caches key on static arguments)."""
 
     def __init__(self, tree):
         self.tree = tree
