@@ -95,3 +95,10 @@ def test_auto_picks_the_smallest_offload_that_fits(monkeypatch, capsys):
         assert f"offload=auto chose {want!r}" in capsys.readouterr().err
     monkeypatch.setattr(offload, "free_device_bytes", lambda: None)
     assert offload.choose("auto", 8 * gib, 12 * gib, 2 * gib) == "none"
+
+
+def test_vae_tiling_auto_follows_free_memory(monkeypatch):
+    monkeypatch.setattr(offload, "free_device_bytes", lambda: 2 * 2**30)
+    assert offload.decode_fits(1024 * 1024, 1) and not offload.decode_fits(1440 * 1440, 1)
+    monkeypatch.setattr(offload, "free_device_bytes", lambda: None)
+    assert offload.decode_fits(2080 * 1040, 4)

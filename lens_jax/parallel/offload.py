@@ -63,6 +63,17 @@ def free_device_bytes() -> int | None:
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
+# Peak device memory of a one-pass bf16 VAE decode per megapixel (H100: 1.75 GB at 1024^2, 3.22 GB
+# at 1440^2; docs/benchmarks.md).
+DECODE_BYTES_PER_PIXEL = 1.6 * 2**30 / 2**20
+
+
+def decode_fits(pixels: int, batch: int) -> bool:
+    """Whether a one-pass VAE decode of `batch` images of `pixels` fits the device's free memory."""
+    free = free_device_bytes()
+    return free is None or pixels * batch * DECODE_BYTES_PER_PIXEL <= free
+
+
 def choose(mode: str, dit_bytes: int, text_encoder_bytes: int, activation_bytes: int) -> str:
     """Resolve "auto" from the device's free memory; other modes pass through."""
     if check_mode(mode) != "auto":

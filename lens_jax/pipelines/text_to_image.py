@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import configs, parallel
 from ..models import transformer as dit
+from ..models import vae as vae_lib
 from ..models.dtypes import resolve_dtype
 from ..parallel import offload as offload_lib
 from ..sampling import sampler as sampler_lib
@@ -110,6 +111,7 @@ class LensPipeline:
         fsdp: bool = True,
         name: str = "",
         offload: str = "none",
+        vae_tiling: bool | str = "auto",
     ):
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.offload = offload_lib.choose(offload, _nbytes(transformer.params), 0, 0) if offload == "auto" \
@@ -142,6 +144,10 @@ class LensPipeline:
         self.fsdp = fsdp
         self.name = name
         self._programs: dict = {}
+        if vae_tiling not in (True, False, "auto"):
+            raise ValueError(f"vae_tiling={vae_tiling!r}: use True, False or 'auto' (tile where a full decode "
+                             "would not fit the device's free memory).")
+        self.vae_tiling = vae_tiling
 
     # ------------------------------------------------------------------ construction
 
@@ -193,6 +199,15 @@ class LensPipeline:
         """A tiny randomly initialised Lens (offline; its pictures are noise) for smoke tests."""
         parts = components_lib.tiny_random_components(seed, resolve_dtype(dtype))
         return cls.from_components(parts, mesh=mesh, dtype=dtype, name="tiny-random", **kwargs)
+
+    def _tiling(self, pixels: int, batch: int):
+        """The VAE tiling for a decode of `batch` images: on when asked, or ('auto') when a one-pass decode
+        would not fit the device's free memory."""
+        if self.vae_tiling == "auto":
+            tiled = not offload_lib.decode_fits(pixels, batch)
+        else:
+            tiled = bool(self.vae_tiling)
+        return vae_lib.Tiling() if tiled else None
 
     # ------------------------------------------------------------------ text
 
@@ -296,6 +311,7 @@ class LensPipeline:
             self.dit_config, self.vae_config, (h, w), steps, use_cfg, output_type != "latent", return_trajectory,
             jnp.dtype(self.dtype), dit.default_attention_impl(self.dtype), self._activation_sharding,
             parallel.HostStream() if offload_lib.streams(self.offload, "transformer") else None,
+            self._tiling(H * W, batch),
         )
         key = (spec, batch, mask.shape[0])
         programs = self._programs.get(key)

@@ -44,6 +44,7 @@ class SamplerSpec:
     attention_impl: str | None
     sharding: parallel.BoundRules | None = None  # activation constraints (a mesh with tensor/fsdp axes)
     stream: Any = None  # DiT blocks streamed from host memory (lens_jax.parallel.HostStream) or None
+    vae_tiling: Any = None  # a lens_jax.models.vae.Tiling for a tiled decode, or None
 
 
 def velocity(spec: SamplerSpec, dit_params, x, features, mask, t, guidance):
@@ -67,7 +68,7 @@ def denoise_step(spec: SamplerSpec, dit_params, x, features, mask, sigmas, times
 def decode(spec: SamplerSpec, vae_params, x):
     """Packed latents -> image [B, H, W, 3] in [0, 1]."""
     h, w = spec.img_shape
-    raw = vae_lib.decode_tokens(vae_params, spec.vae_config, x, h, w)
+    raw = vae_lib.decode_tokens(vae_params, spec.vae_config, x, h, w, tiling=spec.vae_tiling)
     return (jnp.clip(raw.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
 
 
