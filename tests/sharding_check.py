@@ -74,6 +74,11 @@ def main() -> None:
     for data, fsdp, tensor in MESHES:
         mesh = parallel.make_mesh(data, fsdp, tensor)
         p, q, out, text, image = run(mesh, True)
+        if (data, fsdp, tensor) == (2, 2, 2):  # offload per device of the mesh: blocks stream from host
+            streamed = LensPipeline.from_pretrained(TINY, mesh=mesh, offload="all")
+            report["offload_2x2x2_image_abs"] = float(np.abs(streamed(**call).images - ref_image).max())
+            report["offload_2x2x2_kinds"] = sorted({x.sharding.memory_kind
+                                                    for x in jax.tree.leaves(streamed.dit_params["transformer_blocks"])})
         report[f"{data}x{fsdp}x{tensor}"] = {
             "dit_rel": float(np.abs(out - ref_out).max() / np.abs(ref_out).max()),
             "text_rel": max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(text, ref_text)),

@@ -60,6 +60,11 @@ def test_each_device_holds_its_share(report, mesh):
     assert got == pytest.approx(EXPECTED[mesh]), report[mesh]
 
 
+def test_offload_works_on_a_sharded_mesh(report):
+    assert report["offload_2x2x2_kinds"] == ["pinned_host"]
+    assert report["offload_2x2x2_image_abs"] <= IMAGE_ATOL
+
+
 def test_qkv_splits_on_head_boundaries(report):
     assert report["1x1x8"]["qkv_spec"] == str(P(None, None, None, "tensor"))
     assert report["2x2x2"]["qkv_spec"] == str(P(None, "fsdp", None, "tensor"))
