@@ -45,6 +45,7 @@ from ..errors import InputError
 __all__ = [
     "LoraWeights", "Adapter", "STACKED_PREFIX", "DEFAULT_TARGETS", "lora_targets", "module_shapes", "init_adapter",
     "merge", "merge_many", "unmerge", "scale_factors", "merge_factors", "split_stacked", "rank_of", "check_adapter",
+    "check_adapter_shapes",
 ]
 
 STACKED_PREFIX = "transformer_blocks."
@@ -186,7 +187,11 @@ def init_adapter(
 
 def check_adapter(params: Mapping, adapter: Mapping[str, LoraWeights]) -> None:
     """Raise `InputError` naming the first module the model lacks or whose shapes do not fit."""
-    shapes = module_shapes(params)
+    check_adapter_shapes(module_shapes(params), adapter)
+
+
+def check_adapter_shapes(shapes: Mapping[str, tuple], adapter: Mapping[str, LoraWeights]) -> None:
+    """`check_adapter` against `module_shapes(params)`."""
     for path, w in adapter.items():
         if path not in shapes:
             raise InputError(
