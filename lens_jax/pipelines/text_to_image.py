@@ -234,6 +234,44 @@ class LensPipeline:
                 if isinstance(leaf, jax.Array):
                     leaf.delete()
 
+    # ------------------------------------------------------------------ LoRA
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """The LoRAs merged into the DiT, in order: [(source, multiplier), ...]."""
+        return [(name, m) for name, _, m in getattr(self, "_loras", [])]
+
+    def load_lora(self, path_or_adapter, multiplier: float = 1.0, name: str | None = None) -> "LensPipeline":
+        """Merge a LoRA (a peft/kohya/comfy file, or an adapter pytree) into the DiT at `multiplier`.
+
+        Several calls stack. The first keeps the base parameters (the adapted kernels are held twice
+        while LoRAs are loaded) so `unload_loras()` restores them bit for bit; every call re-merges all
+        loaded adapters onto the base, sharded like the DiT.
+        """
+        from ..models import lora as lora_lib
+        from ..weights import lora_formats
+
+        if isinstance(path_or_adapter, (str, os.PathLike)):
+            adapter = lora_formats.load(path_or_adapter, self.dit_config)
+            name = name or str(path_or_adapter)
+        else:
+            adapter = path_or_adapter
+            name = name or "adapter"
+        lora_lib.check_adapter(self.dit_params, adapter)
+        if getattr(self, "_dit_base", None) is None:
+            self._dit_base, self._loras = self.dit_params, []
+        self._loras = [*self._loras, (name, adapter, float(multiplier))]
+        stack = [(a, jnp.float32(m)) for _, a, m in self._loras]
+        merge = jax.jit(lora_lib.merge_many, out_shardings=self._dit_shardings.tree)
+        self.dit_params = merge(self._dit_base, stack)
+        return self
+
+    def unload_loras(self) -> "LensPipeline":
+        """Remove every loaded LoRA: the DiT gets its base parameters back (bit-exact)."""
+        if getattr(self, "_dit_base", None) is not None:
+            self.dit_params, self._dit_base, self._loras = self._dit_base, None, []
+        return self
+
     def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = prompt_lib.MAX_SEQUENCE_LENGTH):
         """Prompts -> (features: one [B, T, enc_dim] numpy array per selected layer, mask [B, T] bool).
 
