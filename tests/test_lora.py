@@ -268,3 +268,16 @@ def test_generate_lora_argument():
     assert parse_lora_arg("a/b.safetensors") == ("a/b.safetensors", 1.0)
     assert parse_lora_arg("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
     assert parse_lora_arg("C:/x/b.safetensors") == ("C:/x/b.safetensors", 1.0)
+
+
+def test_peft_native_layout_with_adapter_config(adapters, tmp_path):
+    """PEFT's save_pretrained: base_model.model.{module}.lora_A.weight + adapter_config.json beside it."""
+    peft = load_file(LORAS["peft"])
+    native = {"base_model.model." + k[len("transformer."):]: v for k, v in peft.items()}
+    folder = tmp_path / "native"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
+    got = lora.load(_write(folder, "adapter_model.safetensors", native))
+    assert jax.tree.structure(got) == jax.tree.structure(adapters["peft"])  # alpha 8 from the config
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(adapters["peft"])):
+        np.testing.assert_array_equal(a, b)

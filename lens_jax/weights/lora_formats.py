@@ -236,6 +236,9 @@ def load(path: str | os.PathLike, config: TransformerConfig | None = None, dtype
     `config` (the DiT's) fixes the number of blocks and checks every shape; `dtype` casts A and B.
     """
     tensors, meta = read_state_dict(path)
+    beside = Path(path).parent / "adapter_config.json"  # PEFT's save_pretrained keeps the config beside the weights
+    if "lora_adapter_metadata" not in meta and beside.is_file():
+        meta = {**meta, "lora_adapter_metadata": beside.read_text()}
     try:
         adapter = from_state_dict(tensors, meta, config)
     except CheckpointError as e:
