@@ -281,3 +281,21 @@ def test_peft_native_layout_with_adapter_config(adapters, tmp_path):
     assert jax.tree.structure(got) == jax.tree.structure(adapters["peft"])  # alpha 8 from the config
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(adapters["peft"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_pipeline_load_lora_keeps_offloaded_blocks_on_host(tr):
+    from lens_jax import parallel
+    from lens_jax.parallel import offload as offload_lib
+    from lens_jax.pipelines.text_to_image import LensPipeline
+    from lens_jax.sampling.sampler import ShardingTree
+
+    pipe = object.__new__(LensPipeline)
+    pipe.dit_config = tr.config
+    shardings = offload_lib.on_host(parallel.replicated_shardings(tr.params, parallel.make_mesh()), "transformer_blocks")
+    pipe._dit_shardings = ShardingTree(shardings)
+    pipe.dit_params = parallel.put_tree(tr.params, shardings)
+    pipe.load_lora(LORAS["comfy"], 1.0)
+    kernel = pipe.dit_params["transformer_blocks"]["img_mlp"]["w1"]["kernel"]
+    assert kernel.sharding.memory_kind == offload_lib.HOST
+    want = lora.merge(tr.params, lora.load(LORAS["comfy"]), 1.0)
+    _assert_same_tree(jax.tree.map(np.asarray, pipe.dit_params), jax.tree.map(np.asarray, want))

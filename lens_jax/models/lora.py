@@ -45,7 +45,7 @@ from ..errors import InputError
 __all__ = [
     "LoraWeights", "Adapter", "STACKED_PREFIX", "DEFAULT_TARGETS", "lora_targets", "module_shapes", "init_adapter",
     "merge", "merge_many", "unmerge", "scale_factors", "merge_factors", "split_stacked", "rank_of", "check_adapter",
-    "check_adapter_shapes",
+    "check_adapter_shapes", "get_path", "set_path",
 ]
 
 STACKED_PREFIX = "transformer_blocks."
@@ -81,6 +81,16 @@ Adapter = dict  # {module_path: LoraWeights}
 
 def rank_of(w: LoraWeights) -> int:
     return int(w.lora_A.shape[-1])
+
+
+def get_path(tree: Mapping, path: str):
+    """The subtree at dotted `path`."""
+    return _get(tree, path)
+
+
+def set_path(tree: Mapping, path: str, value) -> dict:
+    """A copy of `tree` with dotted `path` replaced (only the dicts along the path are copied)."""
+    return _set(tree, path, value)
 
 
 def _get(tree: Mapping, path: str):

@@ -246,7 +246,8 @@ class LensPipeline:
 
         Several calls stack. The first keeps the base parameters (the adapted kernels are held twice
         while LoRAs are loaded) so `unload_loras()` restores them bit for bit; every call re-merges all
-        loaded adapters onto the base, sharded like the DiT.
+        loaded adapters onto the base, one kernel at a time, keeping each kernel's sharding and memory
+        kind (offloaded blocks stay in host memory).
         """
         from ..models import lora as lora_lib
         from ..weights import lora_formats
@@ -261,9 +262,16 @@ class LensPipeline:
         if getattr(self, "_dit_base", None) is None:
             self._dit_base, self._loras = self.dit_params, []
         self._loras = [*self._loras, (name, adapter, float(multiplier))]
-        stack = [(a, jnp.float32(m)) for _, a, m in self._loras]
-        merge = jax.jit(lora_lib.merge_many, out_shardings=self._dit_shardings.tree)
-        self.dit_params = merge(self._dit_base, stack)
+        # One adapted kernel at a time, on the device (kernels offloaded to host memory go back there).
+        merge = jax.jit(lora_lib.merge_many)
+        params = self._dit_base
+        for path in sorted({p for _, a, _ in self._loras for p in a}):
+            kernel = lora_lib.get_path(self._dit_base, path)["kernel"]
+            on_device = jax.device_put(kernel, kernel.sharding.with_memory_kind("device"))
+            stack = [({"m": a[path]}, jnp.float32(m)) for _, a, m in self._loras if path in a]
+            merged = merge({"m": {"kernel": on_device}}, stack)["m"]["kernel"]
+            params = lora_lib.set_path(params, path + ".kernel", jax.device_put(merged, kernel.sharding))
+        self.dit_params = params
         return self
 
     def unload_loras(self) -> "LensPipeline":
