@@ -20,3 +20,4 @@ from .models.transformer import (  # noqa: F401
     timestep_embedding,
 )
 from .weights.dit import load, to_torch_state_dict  # noqa: F401
+from .weights.export import export_comfy, export_diffusers  # noqa: F401

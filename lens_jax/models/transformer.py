@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any, Sequence
 
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import lora as lora_lib
 from .axes import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, MLP, Constrain, axes_from_table, constrain
 from .nn import dense, layer_norm, rms_norm
 from .streaming import LayerStream, scan_layers
@@ -359,6 +360,8 @@ def apply(
     attention_impl: str | None = None,
     sharding: Constrain | None = None,
     stream: LayerStream | None = None,
+    lora: dict | None = None,
+    lora_multiplier=1.0,
 ) -> jax.Array:
     """DiT forward: velocity [B, h*w, patch^2 * out_channels] for image tokens [B, h*w, in_channels].
 
@@ -368,7 +371,11 @@ def apply(
     dtype; `attention_impl` is passed to `jax.nn.dot_product_attention` ("cudnn" or None/"xla").
     `sharding` constrains activations (lens_jax.parallel.BoundRules); `stream` brings the stacked
     blocks from host memory one layer ahead (lens_jax.parallel.offload).
+    `lora`: an adapter (`lens_jax.models.lora`) applied unmerged at `lora_multiplier`: each block's
+    kernels are merged inside the scan body, one layer at a time (differentiable in the adapter).
     """
+    top_lora, block_lora = lora_lib.split_stacked(lora_lib.scale_factors(lora or {}, lora_multiplier))
+    params = lora_lib.merge_factors(params, top_lora)
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["img_in"]["kernel"].dtype
     h, w = img_shape
     text_len = encoder_hidden_states[0].shape[1]
@@ -383,10 +390,11 @@ def apply(
     key_mask = jnp.concatenate([jnp.ones((img.shape[0], img.shape[1]), bool), text_mask], axis=1)
     key_lengths = img.shape[1] + jnp.sum(text_mask, axis=1, dtype=jnp.int32)
 
-    def step(carry, p):
+    def step(carry, xs):
+        p = lora_lib.merge_factors(*xs)
         return block(p, config, *carry, temb_act, rope, key_mask, key_lengths, attention_impl, sharding), None
 
-    (img, _), _ = scan_layers(step, (img, txt), params["transformer_blocks"], stream)
+    (img, _), _ = scan_layers(step, (img, txt), (params["transformer_blocks"], block_lora), stream)
 
     scale, shift = jnp.split(dense(temb_act, params["norm_out"]["linear"]), 2, axis=-1)  # (scale, shift) order
     img = layer_norm(img, NORM_OUT_EPS) * (1 + scale[:, None]) + shift[:, None]
@@ -433,6 +441,21 @@ class LensTransformer:
     params: Params
     compute_dtype: Any = None
     attention_impl: str | None = None
+    lora: dict | None = None  # an unmerged adapter (lens_jax.models.lora), applied at lora_multiplier
+    lora_multiplier: float = 1.0
+
+    def with_lora(self, adapter: dict, multiplier: float = 1.0, merged: bool = True) -> "LensTransformer":
+        """A transformer with `adapter` applied at `multiplier` (stacks on adapters already applied).
+
+        merged=True folds it into the kernels once (fast inference); merged=False keeps the base
+        kernels and merges inside the forward, layer by layer (what training does).
+        """
+        lora_lib.check_adapter(self.params, adapter)
+        if merged:
+            return replace(self, params=jax.jit(lora_lib.merge)(self.params, adapter, multiplier))
+        if self.lora is not None:
+            raise ValueError("this transformer already carries an unmerged adapter; merge one of them.")
+        return replace(self, lora=adapter, lora_multiplier=multiplier)
 
     def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
         hidden_states = jnp.asarray(hidden_states)
@@ -444,4 +467,5 @@ class LensTransformer:
         h, w = _check_inputs(self.config, hidden_states, feats, mask, timestep, img_shapes)
         dtype = self.compute_dtype or self.params["img_in"]["kernel"].dtype
         impl = self.attention_impl if self.attention_impl is not None else default_attention_impl(dtype)
-        return apply(self.params, self.config, hidden_states, feats, mask, timestep, (h, w), dtype, impl)
+        return apply(self.params, self.config, hidden_states, feats, mask, timestep, (h, w), dtype, impl,
+                     lora=self.lora, lora_multiplier=self.lora_multiplier)

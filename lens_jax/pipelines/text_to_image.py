@@ -234,6 +234,52 @@ class LensPipeline:
                 if isinstance(leaf, jax.Array):
                     leaf.delete()
 
+    # ------------------------------------------------------------------ LoRA
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """The LoRAs merged into the DiT, in order: [(source, multiplier), ...]."""
+        return [(name, m) for name, _, m in getattr(self, "_loras", [])]
+
+    def load_lora(self, path_or_adapter, multiplier: float = 1.0, name: str | None = None) -> "LensPipeline":
+        """Merge a LoRA (a peft/kohya/comfy file, or an adapter pytree) into the DiT at `multiplier`.
+
+        Several calls stack. The first keeps the base parameters (the adapted kernels are held twice
+        while LoRAs are loaded) so `unload_loras()` restores them bit for bit; every call re-merges all
+        loaded adapters onto the base, one kernel at a time, keeping each kernel's sharding and memory
+        kind (offloaded blocks stay in host memory).
+        """
+        from ..models import lora as lora_lib
+        from ..weights import lora_formats
+
+        if isinstance(path_or_adapter, (str, os.PathLike)):
+            adapter = lora_formats.load(path_or_adapter, self.dit_config)
+            name = name or str(path_or_adapter)
+        else:
+            adapter = path_or_adapter
+            name = name or "adapter"
+        lora_lib.check_adapter(self.dit_params, adapter)
+        if getattr(self, "_dit_base", None) is None:
+            self._dit_base, self._loras = self.dit_params, []
+        self._loras = [*self._loras, (name, adapter, float(multiplier))]
+        # One adapted kernel at a time, on the device (kernels offloaded to host memory go back there).
+        merge = jax.jit(lora_lib.merge_many)
+        params = self._dit_base
+        for path in sorted({p for _, a, _ in self._loras for p in a}):
+            kernel = lora_lib.get_path(self._dit_base, path)["kernel"]
+            on_device = jax.device_put(kernel, kernel.sharding.with_memory_kind("device"))
+            stack = [({"m": a[path]}, jnp.float32(m)) for _, a, m in self._loras if path in a]
+            merged = merge({"m": {"kernel": on_device}}, stack)["m"]["kernel"]
+            params = lora_lib.set_path(params, path + ".kernel", jax.device_put(merged, kernel.sharding))
+        self.dit_params = params
+        return self
+
+    def unload_loras(self) -> "LensPipeline":
+        """Remove every loaded LoRA: the DiT gets its base parameters back (bit-exact)."""
+        if getattr(self, "_dit_base", None) is not None:
+            self.dit_params, self._dit_base, self._loras = self._dit_base, None, []
+        return self
+
     def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = prompt_lib.MAX_SEQUENCE_LENGTH):
         """Prompts -> (features: one [B, T, enc_dim] numpy array per selected layer, mask [B, T] bool).
 

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="outputs", help="output folder (created if needed)")
     p.add_argument("--offload", default="none", choices=["none", "text_encoder", "all", "auto"],
                    help="stream layers from host memory: the text encoder's, or the DiT's too (small GPUs)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:MULT]",
+                   help="a LoRA (diffusers/PEFT, kohya or ComfyUI safetensors) merged at multiplier MULT "
+                        "(default 1.0); repeat to stack several")
 
 
 def _load_pipeline(args):
@@ -50,6 +53,21 @@ def _load_pipeline(args):
         return pipe, TINY_RANDOM
     model = args.model or load_preset(args.variant)["repo_id"]
     return LensPipeline.from_pretrained(model, dtype=args.dtype, variant=args.variant, offload=args.offload), model
+
+
+def parse_lora_arg(spec: str) -> tuple[str, float]:
+    """'FILE[:MULT]' -> (FILE, MULT); a ':' that is not followed by a number belongs to the path."""
+    from lens_jax.errors import InputError
+
+    path, sep, mult = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(mult)
+        except ValueError:
+            pass
+    if not spec:
+        raise InputError("--lora needs a file: --lora FILE[:MULT], e.g. --lora style.safetensors:0.8.")
+    return spec, 1.0
 
 
 def _save_png(image, path: Path, metadata: dict) -> None:
@@ -80,8 +98,16 @@ def run(args) -> int:
     if args.num_images < 1:
         raise ValueError("--num-images must be at least 1.")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
+    loras = [parse_lora_arg(s) for s in getattr(args, "lora", [])]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            from lens_jax.errors import InputError
+
+            raise InputError(f"--lora {path}: no such file; pass a LoRA .safetensors file, optionally FILE:MULT.")
     enable_compilation_cache()
     pipe, model = _load_pipeline(args)
+    for path, mult in loras:
+        pipe.load_lora(path, mult)
     steps = args.steps or pipe.defaults["num_inference_steps"]
     guidance = pipe.defaults["guidance_scale"] if args.guidance is None else args.guidance
 
@@ -104,6 +130,8 @@ def run(args) -> int:
             "steps": steps, "guidance": guidance, "model": model, "variant": args.variant,
             "height": height, "width": width, "software": "lens-jax",
         }
+        if loras:
+            meta["loras"] = [{"file": f, "multiplier": m} for f, m in loras]
         path = out_dir / f"lens-{stamp}-seed{seed}-{i}.png"
         _save_png(image, path, meta)
         print(path)

@@ -1,0 +1,83 @@
+"""Export a (fine-tuned) DiT back to the upstream PyTorch layout: a diffusers folder or a ComfyUI single file.
+
+    export_diffusers(params, config, "out/transformer")    # config.json + diffusion_pytorch_model.safetensors
+    export_comfy(params, "lens_finetuned.safetensors")     # model.diffusion_model.{name}, one file
+
+Both write `to_torch_state_dict(params)` (the inverse of conversion: upstream names, [out, in]
+Linears, fused qkv [3 * inner, d]), so the result loads in diffusers / ComfyUI / the upstream code
+and back into lens-jax (`lens_jax.transformer.load(folder)`, `lens-jax convert --transformer FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..models.dtypes import resolve_dtype
+from ..models.transformer import TransformerConfig
+from .dit import to_torch_state_dict
+
+__all__ = ["export_diffusers", "export_comfy", "COMFY_PREFIX", "DIFFUSERS_WEIGHTS", "DIFFUSERS_VERSION"]
+
+COMFY_PREFIX = "model.diffusion_model."
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_VERSION = "0.37.1"  # the version the published Lens configs name
+
+
+def _host_state_dict(params, config, dtype) -> dict[str, np.ndarray]:
+    sd = to_torch_state_dict(params, config)
+    if dtype is not None:
+        dt = resolve_dtype(dtype)
+        sd = {k: v.astype(dt) for k, v in sd.items()}
+    return sd
+
+
+def export_diffusers(params, config: TransformerConfig, folder: str | os.PathLike, dtype=None,
+                     max_shard_bytes: int = 10 * 1024**3) -> Path:
+    """Write a diffusers `transformer/` folder: config.json + safetensors (sharded with an index past max_shard_bytes).
+
+    `dtype` (e.g. "bfloat16") casts every tensor; default: the params' own dtype.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = _host_state_dict(params, config, dtype)
+    cfg = {**config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION}
+    (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(sd):
+        if shards[-1] and size + sd[name].nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = sd[name]
+        size += sd[name].nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / DIFFUSERS_WEIGHTS), metadata=meta)
+        return out
+    stem, ext = DIFFUSERS_WEIGHTS.rsplit(".", 1)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        save_file(shard, str(out / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": int(sum(v.nbytes for v in sd.values()))}, "weight_map": weight_map}
+    (out / f"{DIFFUSERS_WEIGHTS}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def export_comfy(params, path: str | os.PathLike, config: TransformerConfig | None = None, dtype=None,
+                 prefix: str = COMFY_PREFIX) -> Path:
+    """Write a ComfyUI single-file DiT: every upstream name behind `model.diffusion_model.`."""
+    from safetensors.numpy import save_file
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sd = _host_state_dict(params, config, dtype)
+    save_file({prefix + k: v for k, v in sd.items()}, str(p), metadata={"format": "pt"})
+    return p
