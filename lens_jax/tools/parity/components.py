@@ -78,6 +78,17 @@ def locate_jump(layer_records: list[list[dict]], names: list[str], tol: metrics.
     return {"index": index, "layer": names[index], "error_over_bound": float(ratios[index])}
 
 
+def largest_growth(layer_records: list[list[dict]], names: list[str]) -> dict | None:
+    """The layer whose max rel-to-scale error grows most over the layer before it (for trained weights,
+    where every layer sits above the float32 noise in bf16)."""
+    errs = [max(r["max_rel"] for r in recs) for recs in layer_records]
+    index = metrics.largest_jump(errs)
+    if index is None or len(errs) < 2:
+        return None
+    growth = errs[index] / max(errs[index - 1], 1e-30) if index else 1.0
+    return {"index": index, "layer": names[index], "growth": float(growth)}
+
+
 def _section(records, headline, tol, **extra) -> dict:
     return {"status": "ok", "records": records, "headline": headline, "tolerance": metrics.tolerance_dict(tol),
             "tolerance_text": tol.describe(), "passed": all(r.get("passed", True) for r in records), **extra}
@@ -128,6 +139,7 @@ def run_text_encoder(opts: Options) -> dict:
     headline = min(features or layers, key=lambda r: r["cosine"])
     return _section(layers + features, headline, tol, layers=len(layers),
                     first_jump=locate_jump([[r] for r in layers], [r["name"] for r in layers], tol),
+                    largest_growth=largest_growth([[r] for r in layers], [r["name"] for r in layers]),
                     tokens=int(tokens.input_ids.shape[1]))
 
 
@@ -215,7 +227,8 @@ def run_transformer(opts: Options) -> dict:
     headline = max(outputs, key=lambda r: r["max_abs"])
     names = [f"block {i}" for i in range(n_layers)]
     return _section(records + outputs, headline, tol_out, layers=n_layers, sigmas=[float(s) for s in sigma],
-                    first_jump=locate_jump(per_layer, names, tol_block))
+                    first_jump=locate_jump(per_layer, names, tol_block),
+                    largest_growth=largest_growth(per_layer, names))
 
 
 # ----------------------------------------------------------------------------- VAE

@@ -113,10 +113,12 @@ def find_dit_class(reference: str | None):
     require("torch", "the Lens DiT reference")
     if reference:
         path = Path(reference)
+        if path.suffix == ".py" and not path.is_file():
+            raise Unavailable(f"--reference-dit {reference}: no such file; give the upstream lens/transformer.py.")
         try:
-            module = _import_file(path) if path.suffix == ".py" or path.exists() else importlib.import_module(reference)
-        except ImportError as e:
-            raise Unavailable(f"--reference-dit {reference}: cannot import it ({e}).") from None
+            module = _import_file(path) if path.is_file() else importlib.import_module(reference)
+        except Exception as e:  # an import error inside the user's file: report it in one line
+            raise Unavailable(f"--reference-dit {reference}: cannot import it ({type(e).__name__}: {e}).") from None
         if not hasattr(module, DIT_CLASS):
             raise Unavailable(f"--reference-dit {reference} defines no {DIT_CLASS}.")
         return getattr(module, DIT_CLASS)

@@ -97,7 +97,9 @@ def markdown(report: dict) -> str:
             continue
         jump = sec.get("first_jump")
         out.append(f"Tolerance: {sec['tolerance_text']}. First layer where the error jumps: "
-                   f"{jump['layer'] + ' (' + format(jump['error_over_bound'], '.3g') + 'x its bound)' if jump else 'none'}.")
+                   f"{jump['layer'] + ' (' + format(jump['error_over_bound'], '.3g') + 'x its bound)' if jump else 'none'}."
+                   + (f" Largest growth from one layer to the next: {grow['layer']} (x{grow['growth']:.3g})."
+                      if (grow := sec.get("largest_growth")) else ""))
         out += ["", "| check | max abs | rel | cosine | PSNR dB | pass |", "|---|---|---|---|---|---|"]
         for r in sec["records"]:
             out.append(f"| {r['name']} | {_num(r['max_abs'], 'abs')} | {_num(r['max_rel'], 'rel')} | "
