@@ -145,7 +145,7 @@ def test_report_figures_equal_the_golden_parity_figures(full, io_dit, io_pipe):
 
 def test_broken_dit_block_is_caught(monkeypatch, io_dit):
     """Block 1 with its attention (shift, gate) swapped: the report names block 1."""
-    from lens_jax import transformer as tr_mod
+    from lens_jax.weights import dit as tr_mod  # what the parity tool loads through
 
     load = tr_mod.load
 

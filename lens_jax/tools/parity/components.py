@@ -109,7 +109,7 @@ def _selected_layers(opts: Options) -> tuple[int, ...]:
 
 def run_text_encoder(opts: Options) -> dict:
     """Every decoder layer's hidden states, then the four features the DiT reads (sliced at txt_offset)."""
-    from ... import text_encoder as te_mod
+    from ...weights import text_encoder as te_mod
 
     ref_lib.require("torch", "the GPT-OSS reference")
     ref_lib.require("transformers", "the GPT-OSS reference")
@@ -187,7 +187,7 @@ def run_transformer(opts: Options) -> dict:
 
     `opts.dit_inputs` = (hidden_states, features, mask, sigmas, (h, w)) replaces the seeded inputs.
     """
-    from ... import transformer as tr_mod
+    from ...weights import dit as tr_mod
 
     cls = ref_lib.find_dit_class(opts.reference_dit)
     folder = opts.model / "transformer"
@@ -243,7 +243,7 @@ def _test_image(height: int, width: int) -> np.ndarray:
 
 def run_vae(opts: Options) -> dict:
     """encode (latent mode) of a test image and decode of a random latent; PSNR on the [-1, 1] range."""
-    from ... import vae as vae_mod
+    from ...weights import vae as vae_mod
 
     torch = ref_lib.require("torch", "the FLUX.2 VAE reference")
     ref_lib.require("diffusers", "the FLUX.2 VAE reference")
