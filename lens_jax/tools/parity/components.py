@@ -86,6 +86,8 @@ def largest_growth(layer_records: list[list[dict]], names: list[str]) -> dict | 
     if index is None or len(errs) < 2:
         return None
     growth = errs[index] / max(errs[index - 1], 1e-30) if index else 1.0
+    if growth <= 1.0:
+        return None
     return {"index": index, "layer": names[index], "growth": float(growth)}
 
 
@@ -226,9 +228,11 @@ def run_transformer(opts: Options) -> dict:
         outputs.append(rec)
     headline = max(outputs, key=lambda r: r["max_abs"])
     names = [f"block {i}" for i in range(n_layers)]
-    return _section(records + outputs, headline, tol_out, layers=n_layers, sigmas=[float(s) for s in sigma],
-                    first_jump=locate_jump(per_layer, names, tol_block),
-                    largest_growth=largest_growth(per_layer, names))
+    section = _section(records + outputs, headline, tol_out, layers=n_layers, sigmas=[float(s) for s in sigma],
+                       first_jump=locate_jump(per_layer, names, tol_block),
+                       largest_growth=largest_growth(per_layer, names))
+    section["tolerance_text"] = f"blocks {tol_block.describe()}; output {tol_out.describe()}"
+    return section
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -330,8 +334,10 @@ def run_pipeline(opts: Options) -> dict:
              for i, (o, r) in enumerate(zip(ours_traj, their_traj))]
     image = metrics.compare(ours_img, their_img, "image", data_range=1.0, tolerance=tol_img)
     opts.images["pipeline"] = (ours_img[0], their_img[0])
-    return _section(steps + [image], image, tol_img, layers=len(steps),
-                    first_jump=locate_jump([[r] for r in steps], [r["name"] for r in steps], tol_lat))
+    section = _section(steps + [image], image, tol_img, layers=len(steps),
+                       first_jump=locate_jump([[r] for r in steps], [r["name"] for r in steps], tol_lat))
+    section["tolerance_text"] = f"latents {tol_lat.describe()}; image {tol_img.describe()}"
+    return section
 
 
 RUNNERS = {
