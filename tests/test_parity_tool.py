@@ -221,6 +221,18 @@ def test_missing_torch_is_one_line_per_component(tmp_path):
     assert {s["status"] for s in saved["components"].values()} == {"skipped"}
 
 
+def test_a_crashing_component_is_reported_and_the_others_still_run(monkeypatch, tmp_path):
+    def boom(opts):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore detail")
+
+    monkeypatch.setitem(comp.RUNNERS, "vae", boom)
+    monkeypatch.setitem(comp.RUNNERS, "text_encoder", lambda opts: {"status": "skipped", "message": "not needed"})
+    report = parity_cli.parity(_opts(), ("vae", "text_encoder"), tmp_path, echo=_quiet)
+    assert report["components"]["vae"] == {"status": "failed", "message": "RuntimeError: RESOURCE_EXHAUSTED: out of memory"}
+    assert report["components"]["text_encoder"]["status"] == "skipped"
+    assert "failed: RuntimeError" in (tmp_path / "summary.md").read_text()
+
+
 def test_bad_arguments_are_one_line(capsys):
     from lens_jax.tools.cli import main
 

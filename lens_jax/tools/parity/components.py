@@ -9,6 +9,7 @@ first and is freed before the reference is loaded, so only one network is reside
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,5 +355,10 @@ def run_component(name: str, opts: Options) -> dict[str, Any]:
         return RUNNERS[name](opts)
     except ref_lib.Unavailable as e:
         return {"status": "skipped", "message": str(e)}
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # one component's crash (e.g. out of memory on the device) must not lose the others
+        traceback.print_exc()
+        return {"status": "failed", "message": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     finally:
         ref_lib.free()
