@@ -15,6 +15,7 @@ from lens_jax.sampling import sampler as sampler_lib
 from lens_jax.errors import CheckpointNotFoundError
 from lens_jax import LensPipeline
 from lens_jax.sampling.scheduler import schedule
+from lens_jax.tools.parity.metrics import F32_TOLERANCE
 
 from .conftest import FIXTURES, cosine
 
@@ -22,7 +23,8 @@ TINY = FIXTURES / "tiny_lens"
 PROMPT = "A red cube on a wooden table next to a small green plant."
 # Goldens README: fp32-vs-fp64 distance ~1e-5 on latents and noise predictions, suggesting
 # atol 3e-4 for latents and 2e-4 for the decoded image; text features 3e-3 (magnitudes ~40).
-LATENT_ATOL, IMAGE_ATOL, FEATURE_ATOL = 3e-4, 2e-4, 3e-3
+LATENT_ATOL, IMAGE_ATOL, FEATURE_ATOL = (F32_TOLERANCE["pipeline_latents"].atol, F32_TOLERANCE["pipeline_image"].atol,
+                                         3e-3)  # shared with `lens-jax parity`
 CALL = dict(height=64, width=80, num_inference_steps=4, guidance_scale=4.0)
 
 

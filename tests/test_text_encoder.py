@@ -21,27 +21,19 @@ from lens_jax.errors import CheckpointError
 from lens_jax import text_encoder as te_mod
 from lens_jax.models import text_encoder as te_model
 from lens_jax.pipelines.prompt import encode_prompts, load_tokenizer, read_txt_offset
+from lens_jax.tools.parity import metrics
 
 from .conftest import FIXTURES
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-REL_TOL = 1e-4
+REL_TOL = metrics.F32_TOLERANCE["text_encoder"].rel  # 1e-4, shared with `lens-jax parity`
 TINY = FIXTURES / "tiny_lens"
 
 
-def _max_err(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
 def _assert_close(ours, ref, what: str) -> float:
-    ref = np.asarray(ref)
-    err = _max_err(ours, ref)
-    bound = REL_TOL * float(np.max(np.abs(ref)))
-    assert np.all(np.isfinite(np.asarray(ours))), f"{what}: non-finite values"
-    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g} (max|ref| {np.max(np.abs(ref)):.3g})"
-    return err
+    return metrics.assert_close(ours, ref, rel=REL_TOL, what=what)["max_abs"]
 
 
 # ----------------------------------------------------------------------------- transformers reference

@@ -14,13 +14,15 @@ from safetensors.numpy import load_file, save_file
 import lens_jax.transformer as T
 from lens_jax.models.nn import dense
 from lens_jax.errors import CheckpointError
+from lens_jax.tools.parity.metrics import F32_TOLERANCE, assert_close
 
 from .conftest import FIXTURES, cosine
 
 TINY_DIT = FIXTURES / "tiny_lens" / "transformer"
 # The goldens README measures float32-vs-float64 at 1.6e-5 max abs on the output and suggests
 # ~10x that as the reachable float32 bound; we hold 2e-4 (measured here: ~5e-6).
-DIT_ATOL = 2e-4
+DIT_ATOL = F32_TOLERANCE["transformer"].atol  # 2e-4, shared with `lens-jax parity`
+BLOCK_ATOL = F32_TOLERANCE["transformer_block"].atol  # 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def _call(tr, io, **over):
 def test_output_matches_golden(tr, io):
     out = _call(tr, io)
     assert out.shape == io["output"].shape
-    np.testing.assert_allclose(out, io["output"], atol=DIT_ATOL, rtol=0)
+    assert_close(out, io["output"], atol=DIT_ATOL, what="DiT output")
 
 
 def test_submodules_match_golden(tr, io):
@@ -72,8 +74,8 @@ def test_submodules_match_golden(tr, io):
     for i in range(c.num_layers):
         bp = jax.tree.map(lambda x: x[i], p["transformer_blocks"])
         img, txt = T.block(bp, c, img, txt, jax.nn.silu(temb), rope, key_mask, lengths)
-        np.testing.assert_allclose(img, io[f"debug_block{i}_img"], atol=1e-4, rtol=0)
-        np.testing.assert_allclose(txt, io[f"debug_block{i}_txt"], atol=1e-4, rtol=0)
+        assert_close(img, io[f"debug_block{i}_img"], atol=BLOCK_ATOL, what=f"block {i} img")
+        assert_close(txt, io[f"debug_block{i}_txt"], atol=BLOCK_ATOL, what=f"block {i} txt")
 
 
 def test_padded_text_tokens_do_not_change_image_output(tr, io):

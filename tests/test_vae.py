@@ -23,16 +23,17 @@ from lens_jax.errors import CheckpointError
 from lens_jax.weights.vae import BFL, DIFFUSERS, convert_vae
 from lens_jax.models.vae.layers import single_head_attention
 from lens_jax.models.vae.tiling import blend_tiles, tile_starts
+from lens_jax.tools.parity.metrics import F32_TOLERANCE, max_abs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_VAE = FIXTURES / "tiny_lens" / "vae"
-ATOL = 1e-4
+ATOL = F32_TOLERANCE["vae"].atol  # 1e-4, shared with `lens-jax parity`
 
 torch.set_num_threads(2)
 
 
 def max_err(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    return max_abs(np.asarray(a), np.asarray(b))
 
 
 # ----------------------------------------------------------------------------------------------
