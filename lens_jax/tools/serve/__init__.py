@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", type=int, default=None, help="mesh data-parallel size (default 1)")
     p.add_argument("--fsdp", type=int, default=None, help="mesh fsdp size (default: the remaining devices)")
     p.add_argument("--tensor", type=int, default=1, help="mesh tensor-parallel size")
+    p.add_argument("--offload", default="none", choices=["none", "text_encoder", "all", "auto"],
+                   help="stream layers from host memory (see `lens-jax generate --help`)")
 
 
 def run(args) -> int:
@@ -49,7 +51,7 @@ def run(args) -> int:
     enable_compilation_cache()
     mesh = parallel.make_mesh(args.data, args.fsdp, args.tensor)
     max_batch = args.max_batch or max(4, mesh.shape["data"])
-    pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh)
+    pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh, args.offload)
     if jax.process_count() > 1 and jax.process_index() != 0:
         print(f"lens-jax serve: host {jax.process_index()} follows host 0's batches", file=sys.stderr)
         batcher_lib.follow(pipe, max_batch)
