@@ -16,6 +16,7 @@ from .runtime import default_xla_flags
 SUBCOMMANDS = {
     "generate": "generate",
     "parity": "parity.cli",
+    "serve": "serve",
 }
 # subcommand -> (module, help): modules with their own argparse parser and `main(argv)`
 FORWARDED = {

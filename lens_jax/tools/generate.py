@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import bulk
 from .runtime import enable_compilation_cache
 
 TINY_RANDOM = "tiny-random"
@@ -19,7 +20,7 @@ TINY_RANDOM = "tiny-random"
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate images from a prompt",
                        description="Generate images with Lens. `--model tiny-random` runs offline on a tiny random model.")
-    p.add_argument("--prompt", required=True, action="append", help="the prompt (repeat for several prompts)")
+    p.add_argument("--prompt", action="append", help="the prompt (repeat for several prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
     p.add_argument("--model", default=None,
                    help=f"checkpoint folder, hub id, or '{TINY_RANDOM}' (default: the variant's hub id)")
@@ -40,6 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:MULT]",
                    help="a LoRA (diffusers/PEFT, kohya or ComfyUI safetensors) merged at multiplier MULT "
                         "(default 1.0); repeat to stack several")
+    bulk.add_arguments(p)
 
 
 def _load_pipeline(args):
@@ -93,6 +95,10 @@ def run(args) -> int:
 
     from lens_jax.sampling.resolution import resolve_size
 
+    if args.prompts:
+        return bulk.run_cli(args)
+    if not args.prompt:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE.")
     # Validate cheap arguments before loading anything.
     height, width = resolve_size(args.height, args.width, args.base_resolution, args.aspect_ratio)
     if args.num_images < 1:

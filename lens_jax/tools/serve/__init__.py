@@ -1,0 +1,75 @@
+"""`lens-jax serve`: an HTTP service that batches concurrent requests, with a web page at `/`.
+
+    lens-jax serve --model PATH [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 4
+                                 --max-wait-ms 50 --queue-size 64]
+
+See docs/serving.md. Multi-host: run the same command on every host (after
+`jax.distributed.initialize()` settings in the environment); host 0 serves HTTP and broadcasts each
+batch, the other hosts run it with host 0.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve an HTTP API (OpenAI images shape) and a web page",
+                       description="Serve Lens over HTTP: POST /v1/images/generations, GET /health, GET /metrics, "
+                                   "and a web page at /. `--model tiny-random` runs offline on a tiny random model.")
+    p.add_argument("--model", default=None, help="checkpoint folder, hub id, or 'tiny-random'")
+    p.add_argument("--variant", default="lens", choices=["lens", "lens-base", "lens-turbo"],
+                   help="default steps/guidance of requests that do not set them")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env LENS_JAX_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="images per sampler call (default: the mesh's data axis size, at least 4)")
+    p.add_argument("--max-wait-ms", type=float, default=50.0, help="how long a request waits for batch mates")
+    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds (504 after)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32"], help="default: bf16 on GPU/TPU, f32 on CPU")
+    p.add_argument("--data", type=int, default=None, help="mesh data-parallel size (default 1)")
+    p.add_argument("--fsdp", type=int, default=None, help="mesh fsdp size (default: the remaining devices)")
+    p.add_argument("--tensor", type=int, default=1, help="mesh tensor-parallel size")
+    p.add_argument("--offload", default="none", choices=["none", "text_encoder", "all", "auto"],
+                   help="stream layers from host memory (see `lens-jax generate --help`)")
+
+
+def run(args) -> int:
+    import os
+
+    import jax
+
+    from lens_jax import parallel
+
+    from ..bulk import load_pipeline
+    from ..runtime import enable_compilation_cache
+    from . import batcher as batcher_lib
+
+    enable_compilation_cache()
+    mesh = parallel.make_mesh(args.data, args.fsdp, args.tensor)
+    max_batch = args.max_batch or max(4, mesh.shape["data"])
+    pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh, args.offload)
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        print(f"lens-jax serve: host {jax.process_index()} follows host 0's batches", file=sys.stderr)
+        batcher_lib.follow(pipe, max_batch)
+        return 0
+
+    import uvicorn
+
+    from .app import ServeConfig, create_app
+
+    multi = jax.process_count() > 1
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                         api_key=args.api_key or os.environ.get("LENS_JAX_API_KEY") or None,
+                         timeout_s=args.timeout, model=model)
+    app = create_app(pipe, config,
+                     runner=batcher_lib.broadcast_runner(pipe, max_batch) if multi else None,
+                     on_shutdown=batcher_lib.stop_followers if multi else None)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it.",
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

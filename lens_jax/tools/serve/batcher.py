@@ -1,0 +1,268 @@
+"""The scheduler: concurrent requests of one bucket become one sampler batch, run by one worker thread.
+
+- `Batcher.submit` (on the event loop) queues a `Ticket` (one request: its jobs, one per image) or
+  raises `QueueFull` when `queue_size` tickets wait.
+- The worker thread owns the pipeline. It takes the oldest ticket's bucket, waits until that bucket
+  holds `max_batch` images or the oldest ticket has waited `max_wait_s`, takes the bucket's tickets in
+  arrival order as long as their images fit in `max_batch`, and runs them as one batch. Each ticket
+  gets its own images (its future) and per-step progress (its event queue); an exception fails that
+  batch's tickets only. A cancelled ticket leaves the queue and, if already running, is dropped.
+- Multi-host: `broadcast_runner` (host 0) sends each batch to the other hosts, where `follow` runs
+  the same batch, so every host runs the same program on the same data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ...errors import LensError
+from .. import jobs as jobs_lib
+
+# runner(jobs, callback) -> float images [len(jobs), H, W, 3]; callback(step, timestep, latents)
+Runner = Callable[[Sequence[jobs_lib.Job], Callable[[int, float, Any], None]], np.ndarray]
+
+
+class QueueFull(LensError):
+    """The queue holds `queue_size` requests; retry later (HTTP 429)."""
+
+
+class Cancelled(LensError):
+    """The request was cancelled (client gone, or timed out) before its images were made."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request waiting for its images."""
+
+    jobs: list[jobs_lib.Job]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    events: asyncio.Queue
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def bucket(self) -> jobs_lib.Bucket:
+        return self.jobs[0].bucket
+
+    def post(self, event: dict) -> None:
+        """Send a progress event from any thread."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def resolve(self, images=None, error: BaseException | None = None) -> None:
+        """Answer from any thread (first answer wins)."""
+
+        def settle():
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(images)
+
+        self.loop.call_soon_threadsafe(settle)
+
+
+@dataclass
+class BatchStats:
+    """What the batcher reports to its observer (metrics)."""
+
+    bucket: jobs_lib.Bucket
+    images: int
+    requests: int
+    seconds: float
+    new_bucket: bool
+    error: bool
+
+
+class Batcher:
+    """Collects tickets into batches and runs them one at a time on a worker thread."""
+
+    def __init__(self, runner: Runner, max_batch: int, max_wait_s: float, queue_size: int,
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 on_queue: Callable[[int], None] | None = None):
+        if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
+            raise ValueError("max_batch and queue_size must be >= 1 and max_wait_s >= 0.")
+        self.runner = runner
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self._on_batch = on_batch or (lambda stats: None)
+        self._on_queue = on_queue or (lambda n: None)
+        self._pending: list[Ticket] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._seen: set[jobs_lib.Bucket] = set()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ event-loop side
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="lens-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        with self._cond:
+            self._stop = True
+            for t in self._pending:
+                t.resolve(error=Cancelled("the server is shutting down."))
+            self._pending.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, jobs: Sequence[jobs_lib.Job]) -> Ticket:
+        """Queue one request's jobs (one bucket, at most max_batch); call from the event loop."""
+        if not jobs or len(jobs) > self.max_batch or any(j.bucket != jobs[0].bucket for j in jobs):
+            raise ValueError(f"a request needs 1..{self.max_batch} jobs of one bucket.")
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(list(jobs), loop, loop.create_future(), asyncio.Queue())
+        with self._cond:
+            if self._stop:
+                raise Cancelled("the server is shutting down.")
+            if len(self._pending) >= self.queue_size:
+                raise QueueFull(f"the queue is full ({self.queue_size} requests); retry later.")
+            self._pending.append(ticket)
+            self._on_queue(len(self._pending))
+            self._cond.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Drop a ticket: out of the queue if waiting, its result discarded if running."""
+        ticket.cancelled.set()
+        with self._cond:
+            if ticket in self._pending:
+                self._pending.remove(ticket)
+                self._on_queue(len(self._pending))
+        ticket.resolve(error=Cancelled("cancelled."))
+
+    def queue_length(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    # ------------------------------------------------------------------ worker side
+
+    def _next_batch(self) -> list[Ticket] | None:
+        with self._cond:
+            while True:
+                if self._stop:
+                    return None
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                bucket = self._pending[0].bucket
+                deadline = self._pending[0].enqueued + self.max_wait_s
+                same = [t for t in self._pending if t.bucket == bucket]
+                if sum(len(t.jobs) for t in same) >= self.max_batch or time.monotonic() >= deadline:
+                    break
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            batch, size = [], 0
+            for t in same:
+                if size + len(t.jobs) > self.max_batch:
+                    break  # keep arrival order: a later, smaller request does not jump ahead
+                batch.append(t)
+                size += len(t.jobs)
+            for t in batch:
+                self._pending.remove(t)
+            self._on_queue(len(self._pending))
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            live = [t for t in batch if not t.cancelled.is_set()]
+            if live:
+                self._run(live)
+
+    def _run(self, tickets: list[Ticket]) -> None:
+        jobs = [j for t in tickets for j in t.jobs]
+        bucket = jobs[0].bucket
+        new = bucket not in self._seen
+        for t in tickets:
+            t.post({"event": "started", "batch_images": len(jobs)})
+
+        def progress(step, timestep, latents):
+            for t in tickets:
+                if not t.cancelled.is_set():
+                    t.post({"event": "progress", "step": int(step) + 1, "steps": bucket.steps})
+
+        t0 = time.perf_counter()
+        try:
+            images = np.asarray(self.runner(jobs, progress))
+        except Exception as e:  # one batch's failure fails its own requests only
+            for t in tickets:
+                t.resolve(error=e)
+            self._on_batch(BatchStats(bucket, len(jobs), len(tickets), time.perf_counter() - t0, new, True))
+            return
+        self._seen.add(bucket)
+        start = 0
+        for t in tickets:
+            t.resolve(images[start:start + len(t.jobs)])
+            start += len(t.jobs)
+        self._on_batch(BatchStats(bucket, len(jobs), len(tickets), time.perf_counter() - t0, new, False))
+
+
+# ---------------------------------------------------------------------- runners
+
+
+def pipeline_runner(pipe, batch_size: int) -> Runner:
+    """Run jobs through `pipe`, always `batch_size` rows (so a batched answer equals a lone one)."""
+
+    def run(jobs, callback):
+        return jobs_lib.generate_batch(pipe, jobs, batch_size, callback)
+
+    return run
+
+
+def _encode(jobs: Sequence[jobs_lib.Job] | None) -> bytes:
+    return json.dumps(None if jobs is None else [j.settings() for j in jobs]).encode()
+
+
+def _decode(payload: bytes) -> list[jobs_lib.Job] | None:
+    rows = json.loads(payload.decode())
+    return None if rows is None else [jobs_lib.Job(**r) for r in rows]
+
+
+def _broadcast(payload: bytes | None) -> bytes:
+    """Host 0's `payload` on every host (two collectives: its length, then its bytes)."""
+    from jax.experimental import multihost_utils
+
+    n = multihost_utils.broadcast_one_to_all(np.int32(0 if payload is None else len(payload)))
+    buf = np.zeros(int(n), np.uint8) if payload is None else np.frombuffer(payload, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
+
+
+def broadcast_runner(pipe, batch_size: int) -> Runner:
+    """Host 0's runner on a multi-host mesh: broadcast the batch, then run it (with the other hosts)."""
+    local = pipeline_runner(pipe, batch_size)
+
+    def run(jobs, callback):
+        _broadcast(_encode(jobs))
+        return local(jobs, callback)
+
+    return run
+
+
+def stop_followers() -> None:
+    """Host 0, on shutdown: tell the other hosts' `follow` loops to return."""
+    _broadcast(_encode(None))
+
+
+def follow(pipe, batch_size: int) -> None:
+    """Hosts > 0: run every batch host 0 broadcasts, until it broadcasts the stop message.
+
+    A no-op step callback keeps the same (host-driven) programs as host 0, which reports progress.
+    """
+    while (jobs := _decode(_broadcast(None))) is not None:
+        try:
+            jobs_lib.generate_batch(pipe, jobs, batch_size, lambda *a: None)
+        except Exception:  # host 0 sees the same failure and answers its requests
+            continue

@@ -1,0 +1,125 @@
+// lens-jax web page: POST /v1/images/generations with stream=true, read the Server-Sent Events
+// (queued, started, progress, result | error), show progress and add the images to the gallery.
+"use strict";
+const $ = (id) => document.getElementById(id);
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("apikey").value.trim();
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+function request() {
+  const body = { prompt: $("prompt").value.trim(), negative_prompt: $("negative_prompt").value, stream: true };
+  if ($("sizemode").value === "size") body.size = `${$("width").value}x${$("height").value}`;
+  else body.aspect_ratio = $("aspect_ratio").value;
+  for (const k of ["steps", "seed"]) if ($(k).value !== "") body[k] = parseInt($(k).value, 10);
+  if ($("guidance").value !== "") body.guidance = parseFloat($("guidance").value);
+  if ($("variant").value) body.variant = $("variant").value;
+  return body;
+}
+
+function setProgress(value, max, text) {
+  $("progress").max = max;
+  $("progress").value = value;
+  $("progresstext").textContent = text;
+}
+
+function showSizeMode() {
+  const size = $("sizemode").value === "size";
+  $("sizebox").hidden = !size;
+  $("aspectbox").hidden = size;
+}
+
+function reuse(settings, sent) {
+  $("prompt").value = settings.prompt;
+  $("negative_prompt").value = settings.negative_prompt || "";
+  $("steps").value = settings.steps;
+  $("guidance").value = settings.guidance;
+  $("seed").value = settings.seed;
+  $("variant").value = settings.variant || "";
+  if (sent.aspect_ratio) { $("sizemode").value = "aspect"; $("aspect_ratio").value = sent.aspect_ratio; }
+  else { $("sizemode").value = "size"; $("width").value = settings.width; $("height").value = settings.height; }
+  showSizeMode();
+  $("prompt").focus();
+}
+
+function addToGallery(result, sent) {
+  const s = result.settings;
+  for (const item of result.data) {
+    const fig = document.createElement("figure");
+    fig.title = "click to reuse these settings";
+    const img = document.createElement("img");
+    img.alt = s.prompt;
+    img.src = item.url || "data:image/png;base64," + item.b64_json;
+    const cap = document.createElement("figcaption");
+    const b = document.createElement("b");
+    b.textContent = s.prompt;
+    cap.append(b, `${s.width}×${s.height} · ${s.steps} steps · guidance ${s.guidance} · seed ${item.seed}` +
+      (s.negative_prompt ? ` · not: ${s.negative_prompt}` : ""));
+    fig.append(img, cap);
+    fig.addEventListener("click", () => reuse({ ...s, seed: item.seed }, sent));
+    $("gallery").prepend(fig);
+  }
+}
+
+async function errorText(resp) {
+  try {
+    const j = await resp.json();
+    if (Array.isArray(j.detail)) return j.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+    return j.detail || resp.statusText;
+  } catch (e) { return resp.statusText; }
+}
+
+async function generate(ev) {
+  ev.preventDefault();
+  $("error").textContent = "";
+  const sent = request();
+  $("generate").disabled = true;
+  setProgress(0, 1, "queued…");
+  try {
+    const resp = await fetch("/v1/images/generations", { method: "POST", headers: headers(), body: JSON.stringify(sent) });
+    if (!resp.ok) throw new Error(`${resp.status}: ${await errorText(resp)}`);
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value;
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        let event = "message", data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) event = line.slice(6).trim();
+          else if (line.startsWith("data:")) data += line.slice(5).trim();
+        }
+        const msg = data ? JSON.parse(data) : {};
+        if (event === "queued") setProgress(0, 1, `queued (${msg.queue} waiting)`);
+        else if (event === "started") setProgress(0, 1, `running in a batch of ${msg.batch_images}`);
+        else if (event === "progress") setProgress(msg.step, msg.steps, `step ${msg.step} / ${msg.steps}`);
+        else if (event === "result") { setProgress(1, 1, "done"); addToGallery(msg, sent); }
+        else if (event === "error") throw new Error(`${msg.status}: ${msg.detail}`);
+      }
+    }
+  } catch (e) {
+    $("error").textContent = String(e.message || e);
+    setProgress(0, 1, "");
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+async function health() {
+  try {
+    const h = await (await fetch("/health")).json();
+    $("status").textContent = `${h.model || "model"} · max batch ${h.max_batch} · defaults ${h.defaults.steps} steps, guidance ${h.defaults.guidance}`;
+  } catch (e) { $("status").textContent = "server unreachable"; }
+}
+
+$("form").addEventListener("submit", generate);
+$("sizemode").addEventListener("change", showSizeMode);
+showSizeMode();
+health();
