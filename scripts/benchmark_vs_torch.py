@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -179,7 +180,8 @@ def bench_vae(args) -> dict:
 
     kw = json.loads((ROOT / "lens_jax/configs/lens/vae.json").read_text())
     torch.manual_seed(0)
-    model = AutoencoderKLFlux2(**{k: v for k, v in kw.items() if not k.startswith("_")}).eval()
+    accepted = inspect.signature(AutoencoderKLFlux2.__init__).parameters
+    model = AutoencoderKLFlux2(**{k: v for k, v in kw.items() if k in accepted}).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         vae = load(tmp, dtype=jnp.float32)
