@@ -25,7 +25,8 @@ import numpy as np
 
 from . import lora as lora_lib
 from .axes import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, MLP, Constrain, axes_from_table, constrain
-from .nn import dense, layer_norm, rms_norm
+from .nn import layer_norm, rms_norm
+from .quant import dense, einsum_kernel
 from .streaming import LayerStream, scan_layers
 
 __all__ = [
@@ -284,7 +285,7 @@ def _modulate(x: jax.Array, norm_weight: jax.Array, shift: jax.Array, scale: jax
 
 def _attn_out(x: jax.Array, p: Params) -> jax.Array:
     """Attention output [B, T, heads, head_dim] -> Linear(inner -> d) with kernel [heads, head_dim, d]."""
-    return jnp.einsum("bthk,hkd->btd", x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)
+    return einsum_kernel("bthk,hkd->btd", x, p) + p["bias"].astype(x.dtype)
 
 
 def _gate_mlp(p: Params, x: jax.Array, sharding=None) -> jax.Array:
@@ -295,7 +296,7 @@ def _gate_mlp(p: Params, x: jax.Array, sharding=None) -> jax.Array:
 def _qkv(x: jax.Array, p: Params, q_norm: jax.Array, k_norm: jax.Array, heads: int, cos, sin, sharding):
     b, t, _ = x.shape
     head_dim = q_norm.shape[-1]
-    qkv = jnp.einsum("btd,dchk->cbthk", x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)[:, None, None]
+    qkv = einsum_kernel("btd,dchk->cbthk", x, p) + p["bias"].astype(x.dtype)[:, None, None]
     q, k, v = (constrain(y, (BATCH, None, ACT_HEADS, None), sharding) for y in qkv)
     q = apply_rope(rms_norm(q, q_norm, BLOCK_EPS), cos, sin)
     k = apply_rope(rms_norm(k, k_norm, BLOCK_EPS), cos, sin)

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import configs, parallel
+from ..parallel.compile_cache import enable_compilation_cache
+from ..models import quant
 from ..models import transformer as dit
 from ..models import vae as vae_lib
 from ..models.dtypes import resolve_dtype
@@ -112,7 +114,15 @@ class LensPipeline:
         name: str = "",
         offload: str = "none",
         vae_tiling: bool | str = "auto",
+        compilation_cache: bool | str | os.PathLike | None = None,
+        quantize: str | None = None,
     ):
+        # None: on (in ~/.cache/lens-jax/xla) unless LENS_JAX_COMPILATION_CACHE=off; False: off; a path.
+        self.compilation_cache = enable_compilation_cache(compilation_cache)
+        # "int8" (weight-only) or "fp8" (e4m3 weights and activations) DiT; img_mod/txt_mod stay as they are.
+        self.quantize = quant.check_mode(quantize)
+        if quantize is not None:
+            transformer = components_lib.Component(transformer.config, quant.quantize_params(transformer.params, quantize))
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.offload = offload_lib.choose(offload, _nbytes(transformer.params), 0, 0) if offload == "auto" \
             else offload_lib.check_mode(offload)
@@ -122,7 +132,8 @@ class LensPipeline:
         self.vae_config = vae.config
         dit_spec = registry.component("transformer")
         dit_shardings = (
-            parallel.logical_shardings(transformer.params, dit_spec.param_axes(self.dit_config), self.mesh, self.rules)
+            parallel.logical_shardings(transformer.params, quant.quantized_axes(dit_spec.param_axes(self.dit_config),
+                                                                  transformer.params), self.mesh, self.rules)
             if fsdp else parallel.replicated_shardings(transformer.params, self.mesh)
         )
         if offload_lib.streams(self.offload, "transformer"):
@@ -166,6 +177,8 @@ class LensPipeline:
         fsdp: bool = True,
         revision: str | None = None,
         offload: str = "none",
+        compilation_cache: bool | str | os.PathLike | None = None,
+        quantize: str | None = None,
     ) -> "LensPipeline":
         """Load the upstream diffusers layout (a local folder or a hub id) or a `convert` output.
 
@@ -173,7 +186,10 @@ class LensPipeline:
         sets the default steps/guidance (otherwise upstream's call defaults, 50 and 4.0).
         offload: 'none' | 'text_encoder' | 'all' | 'auto' (`lens_jax.parallel.offload`): stream the
         text encoder's layers, or the DiT's blocks too, from pinned host memory.
+        quantize: None | "int8" (weight-only) | "fp8" (e4m3 weights and activations) for the DiT.
         """
+        quant.check_mode(quantize)
+        enable_compilation_cache(compilation_cache)  # before loading compiles anything
         root = hub.resolve_checkpoint(path_or_repo_id, revision=revision)
         dtype = resolve_dtype(dtype)
         mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -186,6 +202,7 @@ class LensPipeline:
         return cls.from_components(
             parts, mesh=mesh, rules=rules, dtype=dtype, keep_text_encoder=keep_text_encoder,
             template_date=template_date, defaults=defaults, fsdp=fsdp, name=str(path_or_repo_id), offload=offload,
+            compilation_cache=compilation_cache, quantize=quantize,
         )
 
     @classmethod
@@ -197,6 +214,7 @@ class LensPipeline:
     @classmethod
     def tiny_random(cls, seed: int = 0, dtype=jnp.float32, mesh=None, **kwargs) -> "LensPipeline":
         """A tiny randomly initialised Lens (offline; its pictures are noise) for smoke tests."""
+        enable_compilation_cache(kwargs.get("compilation_cache"))
         parts = components_lib.tiny_random_components(seed, resolve_dtype(dtype))
         return cls.from_components(parts, mesh=mesh, dtype=dtype, name="tiny-random", **kwargs)
 

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="noise seed (jax.random; default: random, recorded in the PNG)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"], help="default: bf16 on GPU/TPU, f32 on CPU")
+    p.add_argument("--quantize", default=None, choices=["int8", "fp8"],
+                   help="quantise the DiT: int8 weight-only or fp8 (e4m3 weights and activations; H100)")
     p.add_argument("--out", default="outputs", help="output folder (created if needed)")
     p.add_argument("--offload", default="none", choices=["none", "text_encoder", "all", "auto"],
                    help="stream layers from host memory: the text encoder's, or the DiT's too (small GPUs)")
@@ -50,11 +52,13 @@ def _load_pipeline(args):
     if args.model == TINY_RANDOM:
         print("note: --model tiny-random uses a tiny randomly initialised model; its picture is noise.",
               file=sys.stderr)
-        pipe = LensPipeline.tiny_random(seed=0, dtype=args.dtype or "f32", offload=args.offload)
+        pipe = LensPipeline.tiny_random(seed=0, dtype=args.dtype or "f32", offload=args.offload,
+                                        quantize=args.quantize)
         pipe.defaults.update({k: load_preset(args.variant)[k] for k in ("num_inference_steps", "guidance_scale")})
         return pipe, TINY_RANDOM
     model = args.model or load_preset(args.variant)["repo_id"]
-    return LensPipeline.from_pretrained(model, dtype=args.dtype, variant=args.variant, offload=args.offload), model
+    return LensPipeline.from_pretrained(model, dtype=args.dtype, variant=args.variant, offload=args.offload,
+                                        quantize=args.quantize), model
 
 
 def parse_lora_arg(spec: str) -> tuple[str, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 # cuBLAS beats XLA's Triton GEMM fusions on the DiT (H100: 89.5 vs 94.5 ms per CFG step at
 # 1024^2, compile 2.9 vs 8.2 s; docs/benchmarks.md). Must be set before jax is imported.
@@ -16,12 +15,8 @@ def default_xla_flags() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {GPU_XLA_FLAG}".strip()
 
 
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk so later runs skip compilation (LENS_JAX_COMPILATION_CACHE=off disables)."""
-    import jax
+def enable_compilation_cache(setting=None) -> str | None:
+    """`lens_jax.parallel.compile_cache.enable_compilation_cache`, imported late (it imports jax)."""
+    from ..parallel.compile_cache import enable_compilation_cache as enable
 
-    cache = os.environ.get("LENS_JAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "lens-jax" / "xla"))
-    if cache.lower() in ("", "0", "off", "none"):
-        return
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return enable(setting)

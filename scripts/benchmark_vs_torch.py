@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""The same workload through lens-jax and through PyTorch, in one process, on the same random weights.
+
+    python scripts/benchmark_vs_torch.py --reference-dit ../shared/reference/lens_transformer_ref.py
+
+- DiT: the upstream PyTorch `LensTransformer2DModel` (imported from the file you give; lens-jax
+  never ships it) at real width with `--dit-blocks` blocks; its state dict is converted to ours
+  with the lens_jax.weights.dit mapping. Batch 2 (one CFG step), a 32x32 token grid + 128 text tokens.
+- Text encoder: transformers `GptOssForCausalLM` (eager attention) at real width with
+  `--te-layers` layers, experts MXFP4-representable so the packed JAX encoder holds the same weights.
+- VAE: diffusers `AutoencoderKLFlux2` decode of the same latents (real config).
+
+Prints the median time of each, the ratio torch / jax (> 1: lens-jax is faster) and the largest
+difference between the two outputs. Defaults follow issue 11's CPU setup (f32, 2 threads).
+Skip parts with --skip dit,text_encoder,vae.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_pair(jax_fn, torch_fn, runs: int) -> tuple[float, float]:
+    """Median times of the two, run alternately so that a change in machine load hits both alike."""
+    import torch
+
+    times: tuple[list, list] = ([], [])
+    with torch.no_grad():
+        for _ in range(runs):
+            for fn, out in ((jax_fn, times[0]), (torch_fn, times[1])):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def randomise(model, seed: int) -> None:
+    """N(0, 1/fan_in) Linear/conv weights, small biases, norm weights ~1, so nothing is zero-initialised."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def load_reference(path: str):
+    spec = importlib.util.spec_from_file_location("lens_transformer_ref", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--reference-dit {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LensTransformer2DModel
+
+
+def bench_dit(args) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from lens_jax.models import transformer as dit
+    from lens_jax.weights.dit import convert_transformer
+
+    ref_cls = load_reference(args.reference_dit)
+    cfg = json.loads((ROOT / "lens_jax/configs/lens/transformer.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg["num_layers"] = args.dit_blocks
+    model = ref_cls(**{k: v for k, v in cfg.items() if k != "inner_dim"}).eval()
+    randomise(model, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{tmp}/diffusion_pytorch_model.safetensors")
+        Path(tmp, "config.json").write_text(json.dumps(cfg))
+        config, params = convert_transformer(tmp, np.float32)
+    params = jax.tree.map(jnp.asarray, params)
+
+    b, (h, w), s = args.batch, args.grid, args.text_tokens
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, h * w, config.in_channels)).astype(np.float32)
+    feats = [rng.standard_normal((b, s, config.enc_hidden_dim)).astype(np.float32) for _ in range(config.num_text_layers)]
+    mask = np.arange(s)[None] < np.array([s, s * 3 // 4] * b)[:b, None]
+    sigma = rng.uniform(size=b).astype(np.float32)
+
+    fwd = jax.jit(dit.apply, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl"))
+    jargs = (params, config, jnp.asarray(x), [jnp.asarray(f) for f in feats], jnp.asarray(mask), jnp.asarray(sigma),
+             (h, w), jnp.float32, None)
+    t0 = time.perf_counter()
+    ours = np.asarray(fwd(*jargs))
+    compile_s = time.perf_counter() - t0
+    t_args = (torch.from_numpy(x), [torch.from_numpy(f) for f in feats], torch.from_numpy(mask), torch.from_numpy(sigma))
+    with torch.no_grad():
+        ref = model(*t_args, img_shapes=[(1, h, w)]).numpy()
+    jax_s, torch_s = timed_pair(lambda: fwd(*jargs).block_until_ready(),
+                                lambda: model(*t_args, img_shapes=[(1, h, w)]), args.runs)
+    return dict(what=f"DiT, {args.dit_blocks} blocks (width {config.inner_dim}), batch {b}, {h}x{w} + {s} tokens",
+                jax_s=jax_s, torch_s=torch_s, compile_s=compile_s, max_abs=float(np.abs(ours - ref).max()),
+                cosine=cosine(ours, ref), torch_name="upstream LensTransformer2DModel")
+
+
+def bench_text_encoder(args) -> dict:
+    import torch
+
+    spec = importlib.util.spec_from_file_location("benchmark_text_encoder", ROOT / "scripts/benchmark_text_encoder.py")
+    bte = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bte)
+    from lens_jax.models import text_encoder as T
+    from lens_jax.weights.text_encoder import load
+
+    layers = args.te_layers
+    # Real layer widths; a small vocabulary (the embedding lookup costs nothing, the 201k-row table 2.3 GB).
+    cfg = {**bte.REAL, "num_hidden_layers": layers, "layer_types": bte.REAL["layer_types"][:layers],
+           "vocab_size": args.te_vocab}
+    selected = tuple(range(layers))
+    b, s = args.batch, args.text_tokens
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg["vocab_size"], size=(b, s))
+    mask = np.ones((b, s), np.int64)
+    mask[1:, s * 3 // 4:] = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        model = bte.build_torch_twin(cfg, Path(tmp))
+        te = load(tmp, selected, jnp.float32, keep_mxfp4=True)
+    config = te.config
+    fwd = jax.jit(T.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding"))
+    ids_j, mask_j = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
+    t0 = time.perf_counter()
+    ours = [np.asarray(o) for o in fwd(te.params, config, ids_j, mask_j, selected, args.moe)]
+    compile_s = time.perf_counter() - t0
+    t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    got = {}
+    hooks = [model.model.layers[i].register_forward_hook(
+        lambda m, inp, out, i=i: got.__setitem__(i, (out[0] if isinstance(out, tuple) else out).numpy()))
+        for i in selected]
+    with torch.no_grad():
+        model.model(input_ids=t_ids, attention_mask=t_mask)
+    for hook in hooks:
+        hook.remove()
+    ref = [got[i] for i in selected]
+    jax_s, torch_s = timed_pair(lambda: jax.block_until_ready(fwd(te.params, config, ids_j, mask_j, selected, args.moe)),
+                                lambda: model.model(input_ids=t_ids, attention_mask=t_mask), args.runs)
+    valid = mask.astype(bool)
+    diff = max(float(np.abs(o[valid] - r[valid]).max()) for o, r in zip(ours, ref))
+    cos = min(cosine(o[valid], r[valid]) for o, r in zip(ours, ref))
+    del model
+    return dict(what=f"GPT-OSS encoder, {layers} real-size layers, batch {b} x {s} tokens, moe={args.moe}",
+                jax_s=jax_s, torch_s=torch_s, compile_s=compile_s, max_abs=diff, cosine=cos,
+                torch_name="transformers GptOss (eager)")
+
+
+def bench_vae(args) -> dict:
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    from lens_jax.models import vae as V
+    from lens_jax.weights.vae import load
+
+    kw = json.loads((ROOT / "lens_jax/configs/lens/vae.json").read_text())
+    torch.manual_seed(0)
+    accepted = inspect.signature(AutoencoderKLFlux2.__init__).parameters
+    model = AutoencoderKLFlux2(**{k: v for k, v in kw.items() if k in accepted}).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        vae = load(tmp, dtype=jnp.float32)
+    h, w = args.grid
+    lh, lw = 2 * h, 2 * w  # a patch of 2x2 latents per token
+    z = torch.randn(1, vae.config.latent_channels, lh, lw)
+    fn = jax.jit(V.decode, static_argnames=("config",))
+    zj = jnp.transpose(jnp.asarray(z.numpy()), (0, 2, 3, 1))
+    t0 = time.perf_counter()
+    ours = np.asarray(fn(vae.params, vae.config, zj))
+    compile_s = time.perf_counter() - t0
+    with torch.no_grad():
+        ref = model.decode(z).sample.numpy()
+    jax_s, torch_s = timed_pair(lambda: fn(vae.params, vae.config, zj).block_until_ready(), lambda: model.decode(z),
+                                args.runs)
+    ours = np.transpose(ours, (0, 3, 1, 2))
+    return dict(what=f"FLUX.2 VAE decode, batch 1, {lh}x{lw} latents -> {16 * h}x{16 * w}", jax_s=jax_s,
+                torch_s=torch_s, compile_s=compile_s, max_abs=float(np.abs(ours - ref).max()), cosine=cosine(ours, ref),
+                torch_name="diffusers AutoencoderKLFlux2")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reference-dit", default=None, help="path to the upstream PyTorch Lens transformer .py")
+    ap.add_argument("--dit-blocks", type=int, default=2)
+    ap.add_argument("--te-layers", type=int, default=1, help="real-size GPT-OSS layers (each ~3.2 GB in torch f32)")
+    ap.add_argument("--te-vocab", type=int, default=8192, help="vocabulary of the encoder twin (real: 201088)")
+    ap.add_argument("--moe", default="grouped", help="lens-jax MoE dispatch (grouped, ragged, dense)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--grid", default="32x32", help="image token grid h x w (16 pixels per token)")
+    ap.add_argument("--text-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (set XLA's with the environment)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,text_encoder,vae")
+    args = ap.parse_args()
+    args.grid = tuple(int(v) for v in args.grid.split("x"))
+    skip = {p for p in args.skip.split(",") if p}
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), f32", flush=True)
+    parts = []
+    if "dit" not in skip:
+        if args.reference_dit is None:
+            print("DiT skipped: give --reference-dit PATH (the upstream lens/transformer.py)", file=sys.stderr)
+        else:
+            parts.append(bench_dit)
+    if "text_encoder" not in skip:
+        parts.append(bench_text_encoder)
+    if "vae" not in skip:
+        parts.append(bench_vae)
+    rows = []
+    for part in parts:
+        row = part(args)
+        rows.append(row)
+        print(f"{row['what']}: jax {row['jax_s'] * 1e3:.0f} ms, torch {row['torch_s'] * 1e3:.0f} ms, "
+              f"torch/jax {row['torch_s'] / row['jax_s']:.2f}, max |diff| {row['max_abs']:.2e}, "
+              f"cosine {row['cosine']:.6f}", flush=True)
+    print()
+    print("| workload | lens-jax (median) | PyTorch (median) | PyTorch / lens-jax | jax compile | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['jax_s'] * 1e3:.0f} ms | {r['torch_s'] * 1e3:.0f} ms ({r['torch_name']}) | "
+              f"{r['torch_s'] / r['jax_s']:.2f}x | {r['compile_s']:.1f} s | {r['max_abs']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
