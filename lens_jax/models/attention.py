@@ -75,7 +75,7 @@ def _check(q, k, v, key_mask, sinks, impl):
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
               key_lengths: jax.Array | None = None, causal: bool = False, window: int | None = None,
               sinks: jax.Array | None = None, scale: float | None = None, impl: str | None = None,
-              block_q: int = BLOCK_Q, block_k: int | None = BLOCK_K) -> jax.Array:
+              block_q: int = BLOCK_Q, block_k: int | None = BLOCK_K, sharding=None) -> jax.Array:
     """Masked (grouped-query) softmax attention, [B, T, H, D] x [B, S, KH, D] -> [B, T, H, D].
 
     key_mask [B, S] bool: visible keys (None: all). key_lengths [B]: the same mask as visible-key
@@ -83,10 +83,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
     a prefix, as in the DiT's [image; right-padded text] sequence). causal / window (static) add
     j <= i and i - j < window. sinks [H]: per-head extra logits. scale defaults to 1/sqrt(D).
     block_q / block_k size the blocked path's query chunks and key blocks (block_k None: one
-    block holding every key).
+    block holding every key). sharding: the models' activation constraints (BoundRules); the
+    splash kernel, which XLA cannot partition, then runs under shard_map over its batch/head axes.
+
+    With impl None off GPU, the platform the program is lowered for picks the kernel (splash for
+    TPU, blocked otherwise), so a TPU program compiled ahead of time on a CPU host is the one a
+    TPU host would build.
     """
+    auto = impl is None and jax.default_backend() != "gpu"
     impl = impl or default_impl(q.dtype, has_sinks=sinks is not None, head_dim=q.shape[-1])
     _check(q, k, v, key_mask, sinks, impl)
+    if auto:
+        kw = dict(key_mask=key_mask, causal=causal, window=window, sinks=sinks, scale=scale)
+        return jax.lax.platform_dependent(
+            q, k, v,
+            tpu=lambda q, k, v: attention(q, k, v, impl="splash", sharding=sharding, **kw),
+            default=lambda q, k, v: attention(q, k, v, impl="blocked", block_q=block_q, block_k=block_k, **kw))
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if window is not None and window >= max(q.shape[1], k.shape[1]) and causal:
         window = None
@@ -106,7 +118,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
         return reference(q, k, v, mask=_dense_mask(key_mask, q.shape[1], k.shape[1], causal, window, k.shape[0]),
                          sinks=sinks, scale=scale)
     if impl == "splash":
-        return splash(q, k, v, key_mask=key_mask, causal=causal, window=window, sinks=sinks, scale=scale)
+        return splash(q, k, v, key_mask=key_mask, causal=causal, window=window, sinks=sinks, scale=scale,
+                      sharding=sharding)
     return blocked(q, k, v, key_mask=key_mask, causal=causal, window=window, sinks=sinks, scale=scale,
                    block_q=block_q, block_k=block_k)
 
@@ -266,23 +279,59 @@ def _splash_block(n: int) -> int:
 
 
 def splash(q, k, v, *, key_mask=None, causal: bool = False, window: int | None = None, sinks=None,
-           scale: float | None = None, interpret: bool | None = None) -> jax.Array:
+           scale: float | None = None, interpret: bool | None = None, sharding=None) -> jax.Array:
     """Pallas splash attention (jax.experimental.pallas.ops.tpu.splash_attention), vmapped over batch.
 
     Sequences are padded to a multiple of 128; padded and masked keys get kv segment id 1 while
     every query has segment id 0, so they are invisible. The causal / sliding structure is the
     kernel's static mask (fully-masked tiles are skipped); sinks are the kernel's own `sinks`
     argument, which starts each row's running max at the sink logit, exactly an extra logit with
-    a zero value. `interpret` defaults to True off-TPU (Pallas' TPU interpret mode, for tests).
+    a zero value. `interpret` None: compiled with Mosaic when lowered for TPU, Pallas' TPU
+    interpret mode otherwise (tests). With `sharding` (BoundRules) the kernel runs per shard under
+    shard_map: batch over the activations' batch axes, heads over the tensor axis (kept whole when
+    the key heads do not split like the query heads).
     """
+    key_mask = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask.astype(bool)
+    kw = dict(causal=causal, window=window, scale=scale)
+    if sharding is not None:
+        return _shard_mapped(lambda q, k, v, m, s: splash(q, k, v, key_mask=m, sinks=s, interpret=interpret, **kw),
+                             sharding, q, k, v, key_mask, sinks)
+    if interpret is None:
+        return jax.lax.platform_dependent(
+            q, k, v, key_mask,
+            tpu=lambda q, k, v, m: _splash(q, k, v, m, sinks, interpret=False, **kw),
+            default=lambda q, k, v, m: _splash(q, k, v, m, sinks, interpret=True, **kw))
+    return _splash(q, k, v, key_mask, sinks, interpret=interpret, **kw)
+
+
+def _shard_mapped(fn, sharding, q, k, v, key_mask, sinks):
+    from jax.sharding import PartitionSpec as P
+
+    from .axes import ACT_HEADS, BATCH
+
+    q_spec = sharding.sharding((BATCH, None, ACT_HEADS, None), q.shape).spec
+    k_spec = sharding.sharding((BATCH, None, ACT_HEADS, None), k.shape).spec
+    q_spec, k_spec = (tuple(x) + (None,) * (4 - len(x)) for x in (q_spec, k_spec))
+    if q_spec[2] != k_spec[2]:
+        q_spec, k_spec = q_spec[:2] + (None, None), k_spec[:2] + (None, None)
+    mask_spec = P(q_spec[0], None)
+    if sinks is None:
+        return jax.shard_map(lambda q, k, v, m: fn(q, k, v, m, None), mesh=sharding.mesh,
+                             in_specs=(P(*q_spec), P(*k_spec), P(*k_spec), mask_spec), out_specs=P(*q_spec),
+                             check_vma=False)(q, k, v, key_mask)
+    return jax.shard_map(fn, mesh=sharding.mesh,
+                         in_specs=(P(*q_spec), P(*k_spec), P(*k_spec), mask_spec, P(q_spec[2])),
+                         out_specs=P(*q_spec), check_vma=False)(q, k, v, key_mask, sinks)
+
+
+def _splash(q, k, v, key_mask, sinks, *, causal: bool, window: int | None, scale: float | None,
+            interpret: bool) -> jax.Array:
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, t, h, d = q.shape
     s_len, kh = k.shape[1], k.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     tp, sp = -(-t // 128) * 128, -(-s_len // 128) * 128
     if window is not None:
         base = sm.LocalMask((tp, sp), window_size=(window - 1, 0 if causal else None), offset=0)
@@ -295,7 +344,6 @@ def splash(q, k, v, *, key_mask=None, causal: bool = False, window: int | None =
     blocks = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv)
     kernel = sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
-    key_mask = jnp.ones((b, s_len), bool) if key_mask is None else key_mask.astype(bool)
     kv_seg = jnp.where(_pad_to(key_mask, 1, sp, False), 0, 1).astype(jnp.int32)
     q_seg = jnp.zeros((b, tp), jnp.int32)
     qh = _pad_to((q * jnp.asarray(scale, q.dtype)), 1, tp).transpose(0, 2, 1, 3)  # [B, H, T, D]

@@ -419,7 +419,8 @@ def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax
     if mask.ndim == 3:
         out = attn_lib.reference(q, k, v, mask=mask, sinks=sinks)
     else:
-        out = attn_lib.attention(q, k, v, key_mask=mask, causal=True, window=window, sinks=sinks, impl=impl)
+        out = attn_lib.attention(q, k, v, key_mask=mask, causal=True, window=window, sinks=sinks, impl=impl,
+                                 sharding=sharding)
     return dense(out.reshape(b, s, n_kv * groups * d).astype(x.dtype), p["o_proj"])
 
 

@@ -302,7 +302,8 @@ def _qkv(x: jax.Array, p: Params, q_norm: jax.Array, k_norm: jax.Array, heads: i
     return q, k, v
 
 
-def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implementation: str | None):
+def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implementation: str | None,
+                    sharding: Constrain | None = None):
     """Softmax attention over [image; text] keys. `key_mask` [B, S] (image keys always True).
 
     The cuDNN path takes per-row visible-key counts instead of a dense mask; that is exact
@@ -310,7 +311,8 @@ def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implem
     `implementation`: one of lens_jax.models.attention.IMPLS, or None for the backend's default
     (blocked online softmax on CPU, splash on TPU).
     """
-    return attention.attention(q, k, v, key_mask=key_mask, key_lengths=key_lengths, impl=implementation)
+    return attention.attention(q, k, v, key_mask=key_mask, key_lengths=key_lengths, impl=implementation,
+                               sharding=sharding)
 
 
 def block(p: Params, config: TransformerConfig, img, txt, temb_act, rope, key_mask, key_lengths, attention_impl=None,
@@ -328,7 +330,7 @@ def block(p: Params, config: TransformerConfig, img, txt, temb_act, rope, key_ma
     n_img = img.shape[1]
     out = joint_attention(
         jnp.concatenate([qi, qt], 1), jnp.concatenate([ki, kt], 1), jnp.concatenate([vi, vt], 1),
-        key_mask, key_lengths, attention_impl,
+        key_mask, key_lengths, attention_impl, sharding,
     )
     img = img + i_gate1 * _attn_out(out[:, :n_img], a["to_out"])
     txt = txt + t_gate1 * _attn_out(out[:, n_img:], a["to_add_out"])

@@ -66,10 +66,12 @@ def upsample(x: jax.Array, p: Params) -> jax.Array:
 
 
 def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = ATTENTION_QUERY_CHUNK,
-                          impl: str | None = None) -> jax.Array:
+                          impl: str = "blocked") -> jax.Array:
     """Exact softmax attention, one head, [B, N, D] -> [B, N, D], scale 1/sqrt(D).
 
-    Runs lens_jax.models.attention (`impl`, None: the backend default). The blocked path takes
+    Runs lens_jax.models.attention's `impl`, blocked by default on every backend: the VAE gets no
+    activation sharding to run splash under shard_map on a TPU mesh, and XLA partitions the
+    blocked path's plain ops by itself (one mid-block attention per decode). The blocked path takes
     queries `chunk` at a time against one block of all keys (each row's softmax is independent,
     so this is the same result as one pass) so that memory grows as chunk x N, never N x N;
     cuDNN is not used: it accepts head dims up to 256 only, while this head has 512.
