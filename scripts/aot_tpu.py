@@ -1,6 +1,6 @@
 """TPU readiness without a TPU: compile Lens programs ahead of time for TPU topologies on a CPU host.
 
-Needs `libtpu` (pip install 'lens-jax[tpu-aot]'). For each topology it builds a (data, fsdp,
+Needs `libtpu` (pip install -e '.[tpu-aot]'). For each topology it builds a (data, fsdp,
 tensor) mesh from the topology's abstract devices, takes abstract bf16 parameters
 (jax.eval_shape of init_params) sharded by lens_jax.parallel's logical rules, lowers and compiles
 

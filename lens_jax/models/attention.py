@@ -354,7 +354,11 @@ def _splash(q, k, v, key_mask, sinks, *, causal: bool, window: int | None, scale
     def one(qb, kb, vb, qsb, kvsb):
         return kernel(qb, kb, vb, segment_ids=sk.SegmentIds(q=qsb, kv=kvsb), sinks=sink)
 
-    out = jax.vmap(one)(qh, kt, vt, q_seg, kv_seg)  # [B, H, Tp, D]
+    # Mosaic rejects a float32-precision contraction of bf16 operands, which a process-wide
+    # jax_default_matmul_precision="highest" would ask for; half-precision inputs take the default.
+    precision = "highest" if q.dtype == jnp.float32 else "default"
+    with jax.default_matmul_precision(precision):
+        out = jax.vmap(one)(qh, kt, vt, q_seg, kv_seg)  # [B, H, Tp, D]
     # A row whose keys are all masked (no sink) averages masked values in the kernel; zero it.
     if sinks is None:
         any_visible = _row_has_visible_key(key_mask, t, causal, window)
