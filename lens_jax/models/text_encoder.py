@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import attention as attn_lib
 from . import mxfp4
 from .dtypes import resolve_dtype
 from .axes import ACT_HEADS, BATCH, EMBED, EXPERTS, HEADS, KV_HEADS, MLP, VOCAB, Constrain, axes_from_table, constrain
@@ -397,8 +398,14 @@ def attention_masks(attention_mask: jax.Array, sliding_window: int) -> tuple[jax
 
 
 def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-              config: TextEncoderConfig, sharding: Constrain | None = None) -> jax.Array:
-    """GQA self-attention with per-head sink logits; x [B, S, hidden], mask [B, S, S] bool."""
+              config: TextEncoderConfig, sharding: Constrain | None = None, *, window: int | None = None,
+              impl: str | None = None) -> jax.Array:
+    """GQA self-attention with per-head sink logits; x [B, S, hidden].
+
+    mask: either [B, S] bool key padding, with causal attention and the static sliding `window`
+    (None: full) run by lens_jax.models.attention (`impl`, None: the backend default), or an
+    explicit [B, S, S] (query, key) bool mask, run by the dense reference formula.
+    """
     b, s, _ = x.shape
     n_kv, groups, d = config.num_key_value_heads, config.num_key_value_groups, config.head_dim
     heads = (BATCH, None, ACT_HEADS, None)
@@ -406,17 +413,15 @@ def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax
     k = constrain(dense(x, p["k_proj"]).reshape(b, s, n_kv, d), heads, sharding)
     v = constrain(dense(x, p["v_proj"]).reshape(b, s, n_kv, d), heads, sharding)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q = q.reshape(b, s, n_kv, groups, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * jnp.float32(d**-0.5)
-    # transformers' eager masks add finfo(float32).min rather than -inf; a row with no visible key
-    # then puts all its mass on the sink (zero output) instead of producing NaN.
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    sinks = p["sinks"].astype(jnp.float32).reshape(1, n_kv, groups, 1, 1)
-    m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks)
-    e = jnp.exp(scores - m)
-    probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sinks - m))
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(b, s, n_kv * groups * d)
-    return dense(out.astype(x.dtype), p["o_proj"])
+    # A row with no visible key puts all its mass on the sink (zero output), as transformers' eager
+    # path does with its finfo(float32).min mask.
+    sinks = p["sinks"].astype(jnp.float32)
+    if mask.ndim == 3:
+        out = attn_lib.reference(q, k, v, mask=mask, sinks=sinks)
+    else:
+        out = attn_lib.attention(q, k, v, key_mask=mask, causal=True, window=window, sinks=sinks, impl=impl,
+                                 sharding=sharding)
+    return dense(out.reshape(b, s, n_kv * groups * d).astype(x.dtype), p["o_proj"])
 
 
 # ----------------------------------------------------------------------------- MoE
@@ -550,15 +555,18 @@ def check_selected_layers(selected_layers: Sequence[int], available: int, total:
     return sel
 
 
-@partial(jax.jit, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding", "stream"))
+@partial(jax.jit, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding", "stream",
+                                   "attention_impl"))
 def apply(params: Params, config: TextEncoderConfig, input_ids: jax.Array, attention_mask: jax.Array,
           selected_layers: tuple[int, ...], moe_impl: str = "grouped", moe_chunk: int | None = None,
-          sharding: Constrain | None = None, stream: LayerStream | None = None) -> list[jax.Array]:
+          sharding: Constrain | None = None, stream: LayerStream | None = None,
+          attention_impl: str | None = None) -> list[jax.Array]:
     """Hidden states after each selected decoder layer (0-based, no final norm).
 
     input_ids [B, S] int, attention_mask [B, S] (1/True = token, 0 = right padding). Runs only
     layers 0..max(selected_layers). Returns one [B, S, hidden] array per selected layer, in order,
-    in the dtype of the embedding table.
+    in the dtype of the embedding table. `attention_impl`: lens_jax.models.attention's kernel
+    (None: the backend default).
     """
     sel = check_selected_layers(selected_layers, num_layers(params), config.num_hidden_layers)
     n_run = max(sel) + 1
@@ -567,7 +575,7 @@ def apply(params: Params, config: TextEncoderConfig, input_ids: jax.Array, atten
     b, s = input_ids.shape
     hidden = jnp.take(embedding, input_ids.astype(jnp.int32), axis=0)
     cos, sin = rope_cos_sin(config, s)
-    full_mask, sliding_mask = attention_masks(attention_mask, config.sliding_window)
+    key_mask = attention_mask.astype(bool)
     is_sliding = jnp.asarray([t == SLIDING for t in config.layer_types[:n_run]])
     layers = params["layers"]
     dense_layers = {k: v for k, v in layers.items() if k != "mlp"}
@@ -577,9 +585,13 @@ def apply(params: Params, config: TextEncoderConfig, input_ids: jax.Array, atten
 
     def layer(h, i):
         p = jax.tree.map(lambda a: a[i], dense_layers)
-        mask = jnp.where(is_sliding[i], sliding_mask, full_mask)
         x = rms_norm(h, p["input_layernorm"]["weight"], eps)
-        h = h + attention(p["self_attn"], x, cos, sin, mask, config, sharding)
+
+        def attend(window):  # the window is static for the kernels, so each layer type is one branch
+            return lambda: attention(p["self_attn"], x, cos, sin, key_mask, config, sharding, window=window,
+                                     impl=attention_impl)
+
+        h = h + jax.lax.cond(is_sliding[i], attend(config.sliding_window), attend(None))
         x = rms_norm(h, p["post_attention_layernorm"]["weight"], eps).reshape(b * s, -1)
         weights, idx = route(x, p["router"], config.num_experts_per_tok)
         h = h + moe(x, experts, i, weights, idx, config, moe_impl, moe_chunk).reshape(b, s, -1)
@@ -595,9 +607,13 @@ def apply(params: Params, config: TextEncoderConfig, input_ids: jax.Array, atten
 
     def streamed_layer(carry, p):
         h, i = carry
-        mask = jnp.where(is_sliding[i], sliding_mask, full_mask)
         x = rms_norm(h, p["input_layernorm"]["weight"], eps)
-        h = h + attention(p["self_attn"], x, cos, sin, mask, config, sharding)
+
+        def attend(window):
+            return lambda: attention(p["self_attn"], x, cos, sin, key_mask, config, sharding, window=window,
+                                     impl=attention_impl)
+
+        h = h + jax.lax.cond(is_sliding[i], attend(config.sliding_window), attend(None))
         x = rms_norm(h, p["post_attention_layernorm"]["weight"], eps).reshape(b * s, -1)
         weights, idx = route(x, p["router"], config.num_experts_per_tok)
         one = jax.tree.map(lambda a: a[None], p["experts"])

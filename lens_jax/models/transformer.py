@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import lora as lora_lib
+from . import attention
 from .axes import ACT_HEADS, ACT_MLP, BATCH, EMBED, HEADS, MLP, Constrain, axes_from_table, constrain
 from .nn import layer_norm, rms_norm
 from .quant import dense, einsum_kernel
@@ -303,15 +304,17 @@ def _qkv(x: jax.Array, p: Params, q_norm: jax.Array, k_norm: jax.Array, heads: i
     return q, k, v
 
 
-def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implementation: str | None):
+def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implementation: str | None,
+                    sharding: Constrain | None = None):
     """Softmax attention over [image; text] keys. `key_mask` [B, S] (image keys always True).
 
     The cuDNN path takes per-row visible-key counts instead of a dense mask; that is exact
     because text is right-padded behind the image tokens, so visible keys form a prefix.
+    `implementation`: one of lens_jax.models.attention.IMPLS, or None for the backend's default
+    (blocked online softmax on CPU, splash on TPU).
     """
-    if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :], implementation=implementation)
+    return attention.attention(q, k, v, key_mask=key_mask, key_lengths=key_lengths, impl=implementation,
+                               sharding=sharding)
 
 
 def block(p: Params, config: TransformerConfig, img, txt, temb_act, rope, key_mask, key_lengths, attention_impl=None,
@@ -329,7 +332,7 @@ def block(p: Params, config: TransformerConfig, img, txt, temb_act, rope, key_ma
     n_img = img.shape[1]
     out = joint_attention(
         jnp.concatenate([qi, qt], 1), jnp.concatenate([ki, kt], 1), jnp.concatenate([vi, vt], 1),
-        key_mask, key_lengths, attention_impl,
+        key_mask, key_lengths, attention_impl, sharding,
     )
     img = img + i_gate1 * _attn_out(out[:, :n_img], a["to_out"])
     txt = txt + t_gate1 * _attn_out(out[:, n_img:], a["to_add_out"])
@@ -342,7 +345,7 @@ def block(p: Params, config: TransformerConfig, img, txt, temb_act, rope, key_ma
 
 
 def default_attention_impl(dtype) -> str | None:
-    """cuDNN flash attention on GPU for half precision; XLA's implementation elsewhere."""
+    """cuDNN flash attention on GPU for half precision; None (lens_jax.models.attention's backend default) elsewhere."""
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "cudnn"
     return None
@@ -369,7 +372,7 @@ def apply(
     encoder_hidden_states: one [B, S, enc_hidden_dim] array per selected encoder layer;
     encoder_hidden_states_mask: [B, S] bool (True = visible text token); timestep: [B] sigma in
     [0, 1]; img_shape: the static token grid (h, w). `compute_dtype` defaults to the params'
-    dtype; `attention_impl` is passed to `jax.nn.dot_product_attention` ("cudnn" or None/"xla").
+    dtype; `attention_impl` picks lens_jax.models.attention's kernel (None: the backend default).
     `sharding` constrains activations (lens_jax.parallel.BoundRules); `stream` brings the stacked
     blocks from host memory one layer ahead (lens_jax.parallel.offload).
     `lora`: an adapter (`lens_jax.models.lora`) applied unmerged at `lora_multiplier`: each block's

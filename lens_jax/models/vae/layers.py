@@ -6,11 +6,10 @@ and the attention softmax run in float32.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
+from .. import attention as attn_lib
 from ..nn import dense
 
 Params = dict
@@ -66,29 +65,19 @@ def upsample(x: jax.Array, p: Params) -> jax.Array:
     return conv2d(x, p["conv"])
 
 
-def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = ATTENTION_QUERY_CHUNK) -> jax.Array:
+def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = ATTENTION_QUERY_CHUNK,
+                          impl: str = "blocked") -> jax.Array:
     """Exact softmax attention, one head, [B, N, D] -> [B, N, D], scale 1/sqrt(D).
 
-    Queries are processed `chunk` at a time (each row's softmax is independent, so this is the
-    same result as one pass) so that memory grows as chunk x N, never N x N. jax.nn's
-    dot_product_attention is not used: its default (XLA) path materialises the N x N scores, and
-    its cuDNN flash path accepts head dims up to 256 only, while this head has 512.
+    Runs lens_jax.models.attention's `impl`, blocked by default on every backend: the VAE gets no
+    activation sharding to run splash under shard_map on a TPU mesh, and XLA partitions the
+    blocked path's plain ops by itself (one mid-block attention per decode). The blocked path takes
+    queries `chunk` at a time against one block of all keys (each row's softmax is independent,
+    so this is the same result as one pass) so that memory grows as chunk x N, never N x N;
+    cuDNN is not used: it accepts head dims up to 256 only, while this head has 512.
     """
-    b, n, d = q.shape
-    scale = 1.0 / math.sqrt(d)
-
-    def attend(qc: jax.Array) -> jax.Array:
-        s = jnp.einsum("bqd,bkd->bqk", qc, k, preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        return jnp.einsum("bqk,bkd->bqd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
-
-    if n <= chunk:
-        return attend(q)
-    n_chunks = -(-n // chunk)
-    qp = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - n), (0, 0)))
-    qp = qp.reshape(b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
-    out = jax.lax.map(attend, qp)
-    return out.transpose(1, 0, 2, 3).reshape(b, n_chunks * chunk, d)[:, :n]
+    out = attn_lib.attention(q[:, :, None], k[:, :, None], v[:, :, None], impl=impl, block_q=chunk, block_k=None)
+    return out[:, :, 0]
 
 
 def attention_block(x: jax.Array, p: Params, groups: int, eps: float, output_scale_factor: float = 1.0,
