@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -636,9 +636,6 @@ class TextEncoder:
     moe_chunk: int | None = None
     sharding: Any = None  # static activation-sharding rules (lens_jax.parallel.BoundRules) or None
     stream: Any = None  # layers streamed from host memory (lens_jax.parallel.offload) or None
-    # () -> params with every decoder layer, `norm` and `lm_head`; `generate` calls it once when
-    # `params` lack them (a feature-only load reads just the layers it needs).
-    lm_loader: Callable[[], Params] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.selected_layers = check_selected_layers(
@@ -670,64 +667,3 @@ class TextEncoder:
         return apply(self.params, self.config, input_ids.astype(jnp.int32), attention_mask.astype(bool),
                      self.selected_layers, self.moe_impl, self.moe_chunk, self.sharding, self.stream)
 
-    # ------------------------------------------------------------------ causal LM
-
-    def ensure_lm_head(self) -> None:
-        """Make `params` hold every decoder layer plus `norm` and `lm_head` (via `lm_loader` if needed)."""
-        from .gpt_oss_decode import has_lm_head
-
-        if has_lm_head(self.params) and num_layers(self.params) == self.config.num_hidden_layers:
-            return
-        if self.lm_loader is None:
-            raise ValueError(
-                "this text encoder has no causal-LM head (model.norm.weight + lm_head.weight) or not all decoder "
-                "layers; load it from a checkpoint that has them (lens_jax.text_encoder.load(path, causal_lm=True))."
-            )
-        self.params = self.lm_loader()
-        if not has_lm_head(self.params):
-            raise ValueError("the checkpoint has no lm_head.weight / model.norm.weight; it cannot generate text.")
-
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-                 return_logits: bool = False):
-        """Decode new tokens after prompts (one jitted program: prefill, then a KV-cache loop).
-
-        input_ids [B, S] ints, attention_mask [B, S] (1 = token; left or right padding). Greedy
-        when `temperature` is 0, else temperature + top-p sampling seeded by `seed`. Stops when
-        every row has emitted one of `stop_tokens` (None: the config's `eos_token_id`; `()`:
-        never early) or after `max_new_tokens`. Returns np.ndarray [B, T] int32 of the new tokens
-        only, T = the steps run; a row that stopped earlier is filled with the pad token after its
-        stop token. With `return_logits`, returns (tokens, logits [B, T, vocab] float32).
-        """
-        from . import gpt_oss_decode as dec
-
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(ids.shape)}.")
-        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}.")
-        if not mask.any(axis=1).all():
-            raise ValueError("every row of attention_mask needs at least one token (1).")
-        if int(max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        if not (0.0 < float(top_p) <= 1.0) or float(temperature) < 0.0:
-            raise ValueError(f"need temperature >= 0 and top_p in (0, 1]; got {temperature}, {top_p}.")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}).")
-        if stop_tokens is None:
-            eos = self.config.eos_token_id
-            stop_tokens = () if eos is None else (tuple(eos) if isinstance(eos, (tuple, list)) else (int(eos),))
-        stop = tuple(int(t) for t in stop_tokens)
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (stop[0] if stop else 0)
-        self.ensure_lm_head()
-        tokens, steps, logits = dec.generate(
-            self.params, self.config, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), dec.stop_token_array(stop),
-            jnp.int32(pad), jnp.float32(temperature), jnp.float32(top_p), jnp.uint32(int(seed) % 2**32),
-            int(max_new_tokens), bool(return_logits), self.moe_impl, self.moe_chunk, self.sharding,
-        )
-        n = int(steps)
-        tokens = np.asarray(tokens)[:, :n]
-        if return_logits:
-            return tokens, np.asarray(logits)[:, :n]
-        return tokens

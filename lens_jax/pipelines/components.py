@@ -19,6 +19,7 @@ import numpy as np
 from .. import configs, parallel
 from ..parallel import offload
 from ..parallel.offload import streams
+from ..models import gpt_oss_decode as decode_lib
 from ..models import text_encoder as te_lib
 from ..models import transformer as dit
 from ..models import vae as vae_lib
@@ -108,9 +109,9 @@ def load_converted(root: str | Path, dtype, keep_mxfp4: bool | None = None, mesh
             return orbax_io.load_component(root, "text_encoder", dtype, mesh=mesh, fsdp=fsdp, keep_mxfp4=keep_mxfp4,
                                            rules=rules, lm_head=True)[1]
 
-        return te_lib.TextEncoder(config, params, te_lib.check_selected_layers(selected, needed,
-                                                                               config.num_hidden_layers),
-                                  lm_loader=lm_loader)
+        return decode_lib.CausalLM(config, params, te_lib.check_selected_layers(selected, needed,
+                                                                                config.num_hidden_layers),
+                                   lm_loader=lm_loader)
 
     return assemble(root, Component(dit_config, dit_params), Component(vae_config, vae_params), text_encoder_factory)
 
@@ -161,8 +162,8 @@ def tiny_random_components(seed: int, dtype) -> Components:
     te_params = to_host(init(functools.partial(te_lib.init_params, lm_head=True), te_config, k_te))
 
     def text_encoder_factory():
-        return te_lib.TextEncoder(te_config, jax.tree.map(jax.numpy.asarray, te_params),
-                                  tuple(dit_config.selected_layer_index))
+        return decode_lib.CausalLM(te_config, jax.tree.map(jax.numpy.asarray, te_params),
+                                   tuple(dit_config.selected_layer_index))
 
     # lens_jax/configs/tiny is laid out like a checkpoint root for the tokenizer, scheduler and model_index.
     return assemble(

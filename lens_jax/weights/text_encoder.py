@@ -25,8 +25,9 @@ import numpy as np
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..models import mxfp4
+from ..models.gpt_oss_decode import CausalLM
 from ..models.dtypes import resolve_dtype
-from ..models.text_encoder import DEFAULT_SELECTED_LAYERS, TextEncoder, TextEncoderConfig, check_selected_layers, init_params
+from ..models.text_encoder import DEFAULT_SELECTED_LAYERS, TextEncoderConfig, check_selected_layers, init_params
 
 from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, unflatten
 from .safetensors_io import SafetensorsReader, open_checkpoint
@@ -219,7 +220,7 @@ def default_selected_layers(folder: Path, config: TextEncoderConfig) -> tuple[in
 
 def load(path: str | os.PathLike, selected_layers: Sequence[int] | None = None, dtype=jnp.float32,
          keep_mxfp4: bool | None = None, moe_impl: str = "grouped", moe_chunk: int | None = None,
-         place=None, causal_lm: bool = False) -> TextEncoder:
+         place=None, causal_lm: bool = False) -> CausalLM:
     """Load an HF-format GPT-OSS folder (config.json + safetensors; float or MXFP4 experts).
 
     `selected_layers`: the feature layers (None: `default_selected_layers`; a dtype given in this
@@ -255,4 +256,4 @@ def load(path: str | os.PathLike, selected_layers: Sequence[int] | None = None, 
     else:
         _, flat = convert_text_encoder(folder, dtype, keep_mxfp4=keep_mxfp4, num_layers=max(sel) + 1)
         params = jax.tree.map(jnp.asarray, flat) if place is None else place(flat)
-    return TextEncoder(config, params, sel, moe_impl, moe_chunk, lm_loader=lm_loader)
+    return CausalLM(config, params, sel, moe_impl, moe_chunk, lm_loader=lm_loader)
