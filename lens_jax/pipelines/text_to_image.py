@@ -33,7 +33,6 @@ from ..sampling.resolution import PIXELS_PER_TOKEN, resolve_size
 from ..sampling.scheduler import SchedulerConfig, schedule
 from ..weights import hub, registry
 from ..errors import InputError
-from ..models import vae as vae_lib
 from . import components as components_lib
 from . import img2img as img2img_lib
 from . import prompt as prompt_lib
@@ -453,7 +452,7 @@ class LensPipeline:
         H, W = size
         batch = noise.shape[0]
         pixels = img2img_lib.to_model_range(img2img_lib.fit_to_bucket(image, H, W))[None]
-        x0 = parallel.to_host(_ENCODE_TOKENS(self.vae_params, self.vae_config, jnp.asarray(pixels, self.dtype)))
+        x0 = parallel.to_host(self._vae_program("encode")(self.vae_params, self.vae_config, jnp.asarray(pixels, self.dtype)))
         x0 = np.asarray(x0, np.float32)
         x0 = np.broadcast_to(x0, noise.shape).copy()
         start = img2img_lib.start_step(steps, strength)
@@ -464,10 +463,23 @@ class LensPipeline:
         pixel_mask = np.asarray(img2img_lib.fit_to_bucket(mask, H, W), np.float32) / 255.0
         tokens = img2img_lib.token_mask(pixel_mask)
         latent_mask = np.broadcast_to(tokens[None], (batch, *tokens.shape)).astype(np.float32)
-        kept = np.asarray(parallel.to_host(_DECODE_TOKENS(self.vae_params, self.vae_config, jnp.asarray(x0[:1]),
+        kept = np.asarray(parallel.to_host(self._vae_program("decode")(self.vae_params, self.vae_config, jnp.asarray(x0[:1]),
                                                           H // PIXELS_PER_TOKEN, W // PIXELS_PER_TOKEN)), np.float32)
         weight = img2img_lib.blend_weights(pixel_mask, tokens)
         return start, latents, (x0, noise.astype(np.float32), latent_mask), (weight, kept)
+
+    def _vae_program(self, kind: str) -> Callable:
+        """The jitted VAE encode ("encode": image -> tokens) or round-trip decode ("decode": tokens -> [0, 1]
+        image) of image-to-image, kept with this pipeline's other programs."""
+        key = ("img2img_vae", kind)
+        if key not in self._programs:
+            if kind == "encode":
+                fn = jax.jit(vae_lib.encode_to_tokens, static_argnames=("config",))
+            else:
+                fn = jax.jit(lambda params, config, tokens, h, w: (jnp.clip(vae_lib.decode_tokens(
+                    params, config, tokens, h, w).astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0, static_argnums=(1, 3, 4))
+            self._programs[key] = fn
+        return self._programs[key]
 
     def rewrite_prompts(self, prompts, seed: int = 0) -> list[str]:
         """Prompts -> the reasoner's rewrites (`configure_reasoner` picks the route; default: local GPT-OSS)."""
@@ -486,14 +498,6 @@ class LensPipeline:
         self.reasoner_options = {k: v for k, v in given.items() if v is not None}
         if api_url or api_model:  # validate the HTTP settings now, not after loading a model
             reasoner_lib.make_reasoner(lambda: None, None, **self.reasoner_options)
-
-
-_ENCODE_TOKENS = jax.jit(vae_lib.encode_to_tokens, static_argnames=("config",))
-_DECODE_TOKENS = jax.jit(
-    lambda params, config, tokens, h, w: (jnp.clip(vae_lib.decode_tokens(params, config, tokens, h, w).astype(
-        jnp.float32), -1.0, 1.0) + 1.0) / 2.0,
-    static_argnums=(1, 3, 4),
-)
 
 
 def _nbytes(tree) -> int:
