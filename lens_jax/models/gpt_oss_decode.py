@@ -361,6 +361,9 @@ class CausalLM(TextEncoder):
             stop_tokens = () if eos is None else (tuple(eos) if isinstance(eos, (tuple, list)) else (int(eos),))
         stop = tuple(int(t) for t in stop_tokens)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (stop[0] if stop else 0)
+        if getattr(self, "stream", None) is not None:
+            raise ValueError("generate does not stream layers from host memory; run the reasoner with offload='none' "
+                             "(or the HTTP route).")
         self.ensure_lm_head()
         tokens, steps, logits = generate(
             self.params, self.config, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), stop_token_array(stop),
