@@ -65,7 +65,7 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
     config = T.TextEncoderConfig.from_dict(CONFIGS[args.config])
     params = jax.jit(lambda k: T.init_params(config, k, dtype, packed=True, lm_head=True))(jax.random.key(0))
-    te = T.TextEncoder(config, params, (config.num_hidden_layers - 1,), moe_impl=args.moe)
+    te = T.CausalLM(config, params, (config.num_hidden_layers - 1,), moe_impl=args.moe)
     assert dec.has_lm_head(te.params)
     rng = np.random.default_rng(0)
     results = []
