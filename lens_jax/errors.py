@@ -6,6 +6,7 @@
     │   ├── LayoutError               tensor names of no known layout
     │   └── ConvertedCheckpointError  a conversion output is incomplete or contradicts its manifest
     ├── InputError               a bad argument of the API, the CLI or the service (also a ValueError)
+    ├── ReasonerError            the prompt reasoner's HTTP endpoint failed (a RuntimeError)
     └── ConvertError             a bad command line or destination of the conversion tool
 
 Everything here derives from `ValueError` as well (except where a more specific builtin fits),
@@ -41,3 +42,7 @@ class InputError(LensError, ValueError):
 
 class ConvertError(LensError, ValueError):
     """A user-facing problem with the conversion command line or its destination."""
+
+
+class ReasonerError(LensError, RuntimeError):
+    """The prompt reasoner's HTTP endpoint failed (timeout, HTTP error, malformed reply)."""

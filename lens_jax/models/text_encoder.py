@@ -279,11 +279,13 @@ def _expert_scale_byte(fan_in: int) -> int:
     return int(mxfp4.SCALE_BIAS - round(math.log2(3.0 * math.sqrt(fan_in))))
 
 
-def init_params(config: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, packed: bool = False) -> Params:
+def init_params(config: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, packed: bool = False,
+                lm_head: bool = False) -> Params:
     """Random parameters (normal, std 1/sqrt(fan_in); sinks N(0, 1); small biases).
 
     Norm weights are float32 whatever `dtype` (transformers keeps GPT-OSS norms in float32).
     `packed=True` holds the experts as MXFP4 `*_blocks`/`*_scales` (uint8, on-disk layout).
+    `lm_head=True` adds the causal-LM head: `norm.weight` [hidden] and `lm_head.kernel` [hidden, vocab].
     """
     dtype = resolve_dtype(dtype)
     c = config
@@ -324,7 +326,12 @@ def init_params(config: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, pa
             "down_proj": normal((L, E, inter, h), inter**-0.5),
             "down_proj_bias": normal((L, E, h), 0.02),
         }
+    head = {}
+    if lm_head:
+        head = {"norm": {"weight": jnp.ones((h,), jnp.float32)},
+                "lm_head": {"kernel": normal((h, c.vocab_size), h**-0.5)}}
     return {
+        **head,
         "embed_tokens": {"embedding": normal((c.vocab_size, h), 1.0)},
         "layers": {
             "input_layernorm": {"weight": jnp.ones((L, h), jnp.float32)},
@@ -345,6 +352,7 @@ def init_params(config: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, pa
 PARAM_AXES_TABLE: tuple[tuple[str, tuple], ...] = (
     (r"embed_tokens\.embedding", (VOCAB, EMBED)),
     (r"lm_head\.kernel", (EMBED, VOCAB)),
+    (r"norm\.weight", (None,)),
     (r"self_attn\.q_proj\.kernel", (EMBED, HEADS)),
     (r"self_attn\.q_proj\.bias", (HEADS,)),
     (r"self_attn\.(k|v)_proj\.kernel", (EMBED, KV_HEADS)),
@@ -364,10 +372,11 @@ PARAM_AXES_TABLE: tuple[tuple[str, tuple], ...] = (
 )
 
 
-def param_axes(config: TextEncoderConfig, packed: bool = False, params: Params | None = None) -> Params:
+def param_axes(config: TextEncoderConfig, packed: bool = False, params: Params | None = None,
+               lm_head: bool = False) -> Params:
     """Logical axis names of every parameter leaf (same tree as `init_params`, or as `params` when given)."""
     if params is None:
-        params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), packed=packed))
+        params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), packed=packed, lm_head=lm_head))
     return axes_from_table(params, PARAM_AXES_TABLE, stacked=("layers",))
 
 
@@ -673,3 +682,4 @@ class TextEncoder:
             )
         return apply(self.params, self.config, input_ids.astype(jnp.int32), attention_mask.astype(bool),
                      self.selected_layers, self.moe_impl, self.moe_chunk, self.sharding, self.stream)
+

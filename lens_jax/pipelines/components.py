@@ -8,6 +8,7 @@ parameters on its mesh.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ import numpy as np
 from .. import configs, parallel
 from ..parallel import offload
 from ..parallel.offload import streams
+from ..models import gpt_oss_decode as decode_lib
 from ..models import text_encoder as te_lib
 from ..models import transformer as dit
 from ..models import vae as vae_lib
@@ -102,8 +104,14 @@ def load_converted(root: str | Path, dtype, keep_mxfp4: bool | None = None, mesh
         config, params = orbax_io.load_component(root, "text_encoder", dtype, mesh=mesh, fsdp=fsdp,
                                                  keep_mxfp4=keep_mxfp4, num_layers=needed, rules=rules,
                                                  layers_on_host=streams(offload, "text_encoder"))
-        return te_lib.TextEncoder(config, params, te_lib.check_selected_layers(selected, needed,
-                                                                               config.num_hidden_layers))
+
+        def lm_loader():  # every layer + the causal-LM head, for the prompt reasoner
+            return orbax_io.load_component(root, "text_encoder", dtype, mesh=mesh, fsdp=fsdp, keep_mxfp4=keep_mxfp4,
+                                           rules=rules, lm_head=True)[1]
+
+        return decode_lib.CausalLM(config, params, te_lib.check_selected_layers(selected, needed,
+                                                                                config.num_hidden_layers),
+                                   lm_loader=lm_loader)
 
     return assemble(root, Component(dit_config, dit_params), Component(vae_config, vae_params), text_encoder_factory)
 
@@ -150,11 +158,12 @@ def tiny_random_components(seed: int, dtype) -> Components:
         options = {"xla_backend_optimization_level": 0}
         return jax.jit(fn, static_argnums=(0, 2), compiler_options=options)(config, key, dtype)
 
-    te_params = to_host(init(te_lib.init_params, te_config, k_te))  # host copy: the pipeline may free the device one
+    # host copy: the pipeline may free the device one; with the causal-LM head, so the reasoner can run
+    te_params = to_host(init(functools.partial(te_lib.init_params, lm_head=True), te_config, k_te))
 
     def text_encoder_factory():
-        return te_lib.TextEncoder(te_config, jax.tree.map(jax.numpy.asarray, te_params),
-                                  tuple(dit_config.selected_layer_index))
+        return decode_lib.CausalLM(te_config, jax.tree.map(jax.numpy.asarray, te_params),
+                                   tuple(dit_config.selected_layer_index))
 
     # lens_jax/configs/tiny is laid out like a checkpoint root for the tokenizer, scheduler and model_index.
     return assemble(

@@ -34,8 +34,11 @@ from ..sampling import sampler as sampler_lib
 from ..sampling.resolution import PIXELS_PER_TOKEN, resolve_size
 from ..sampling.scheduler import SchedulerConfig, schedule
 from ..weights import hub, registry
+from ..errors import InputError
 from . import components as components_lib
+from . import img2img as img2img_lib
 from . import prompt as prompt_lib
+from . import reasoner as reasoner_lib
 
 __all__ = ["LensPipeline", "LensPipelineOutput", "UPSTREAM_DEFAULTS", "load_preset"]
 
@@ -61,6 +64,8 @@ class LensPipelineOutput:
     trajectory: np.ndarray | None = None  # [steps, B, h*w, C] when asked for
     text_features: list[np.ndarray] | None = None
     text_mask: np.ndarray | None = None
+    prompts: list[str] | None = None  # the prompts the images were made from (rewritten by the reasoner if on)
+    original_prompts: list[str] | None = None  # the caller's prompts when the reasoner rewrote them
 
 
 def _round_up(n: int, m: int) -> int:
@@ -159,6 +164,7 @@ class LensPipeline:
             raise ValueError(f"vae_tiling={vae_tiling!r}: use True, False or 'auto' (tile where a full decode "
                              "would not fit the device's free memory).")
         self.vae_tiling = vae_tiling
+        self.reasoner_options: dict = {}  # keyword arguments of `reasoner.make_reasoner` (see `configure_reasoner`)
 
     # ------------------------------------------------------------------ construction
 
@@ -347,10 +353,28 @@ class LensPipeline:
         max_sequence_length: int = prompt_lib.MAX_SEQUENCE_LENGTH,
         callback: Callable[[int, float, Any], None] | None = None,
         return_trajectory: bool = False,
+        image=None,
+        strength: float = 1.0,
+        mask_image=None,
+        enable_reasoner: bool = False,
     ) -> LensPipelineOutput:
-        """Generate images. `callback(step, timestep, latents)` is called after every step."""
+        """Generate images. `callback(step, timestep, latents)` is called after every step.
+
+        `image` (path, PIL image or array; one image for every output) with `strength` in (0, 1]:
+        image-to-image; with `mask_image` (white = repaint): inpainting (docs/img2img.md).
+        `enable_reasoner`: rewrite the prompts first (`configure_reasoner`; docs/reasoner.md).
+        """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}.")
+        init_image, init_mask, strength = self._check_image_inputs(image, strength, mask_image)
+        if init_image is not None and height is None and width is None and aspect_ratio is None:
+            aspect_ratio = img2img_lib.closest_bucket(init_image.width, init_image.height, base_resolution)
+        original_prompts = None
+        if enable_reasoner:
+            if prompt_embeds is not None or prompt is None:
+                raise InputError("enable_reasoner rewrites text prompts; give `prompt` (not prompt_embeds).")
+            original_prompts = _as_list(prompt, "prompt")
+            prompt = self.rewrite_prompts(original_prompts, seed=0 if seed is None else int(seed))
         H, W = resolve_size(height, width, base_resolution, aspect_ratio)
         h, w = H // PIXELS_PER_TOKEN, W // PIXELS_PER_TOKEN
         steps = int(num_inference_steps or self.defaults["num_inference_steps"])
@@ -371,11 +395,16 @@ class LensPipeline:
         latents = self._initial_latents(latents, seed, (batch, h * w, channels))
 
         sigmas, timesteps = schedule(steps, h * w, self.scheduler_config)
+        start, known, reference = 0, None, None
+        if init_image is not None:
+            start, latents, known, reference = self._image_latents(init_image, init_mask, strength, latents, sigmas,
+                                                                   steps, (H, W))
         spec = sampler_lib.SamplerSpec(
             self.dit_config, self.vae_config, (h, w), steps, use_cfg, output_type != "latent", return_trajectory,
             jnp.dtype(self.dtype), dit.default_attention_impl(self.dtype), self._activation_sharding,
             parallel.HostStream() if offload_lib.streams(self.offload, "transformer") else None,
             self._tiling(H * W, batch),
+            inpaint=known is not None,
         )
         key = (spec, batch, mask.shape[0])
         programs = self._programs.get(key)
@@ -391,21 +420,27 @@ class LensPipeline:
             parallel.put(sigmas, rep),
             parallel.put(timesteps, rep),
             parallel.put(np.float32(guidance), rep),
-            parallel.put(np.int32(0), rep),
+            parallel.put(np.int32(start), rep),
         )
+        if known is not None:
+            known = tuple(parallel.put(k, parallel.batch_sharding(mesh, batch, 3)) for k in known)
         final, image, trajectory = sampler_lib.run(programs, spec, self.dit_params, self.vae_params, *args,
-                                                   callback=callback)
+                                                   callback=callback, known=known)
         final = parallel.to_host(final)
         if output_type == "latent":
             images = final
         else:
             images = parallel.to_host(image).astype(np.float32)
+            if reference is not None:  # inpainting: the kept region is the input's VAE round trip
+                weight, kept = reference
+                images = weight[None, :, :, None] * images + (1.0 - weight[None, :, :, None]) * kept
             if output_type == "pil":
                 images = _to_pil(images)
         return LensPipelineOutput(
             images=images, latents=final,
             trajectory=None if trajectory is None else parallel.to_host(trajectory),
             text_features=feats, text_mask=mask,
+            prompts=None if prompt is None else _as_list(prompt, "prompt"), original_prompts=original_prompts,
         )
 
     def _text_inputs(self, prompt, negative_prompt, prompt_embeds, prompt_mask, negative_prompt_embeds,
@@ -461,6 +496,72 @@ class LensPipeline:
             return latents
         seed = random.randrange(2**31) if seed is None else int(seed)
         return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+
+    # ------------------------------------------------------------------ image-to-image, reasoner
+
+    def _check_image_inputs(self, image, strength, mask_image):
+        """Validate the image-to-image arguments before any work: (PIL image | None, PIL mask | None, strength)."""
+        strength = img2img_lib.check_strength(strength)
+        if image is None:
+            if mask_image is not None:
+                raise InputError("mask_image needs image= (the picture to inpaint).")
+            if strength != 1.0:
+                raise InputError("strength < 1 needs image= (image-to-image); leave it at 1.0 for text-to-image.")
+            return None, None, strength
+        mask = None if mask_image is None else img2img_lib.load_mask(mask_image)
+        return img2img_lib.load_image(image), mask, strength
+
+    def _image_latents(self, image, mask, strength, noise, sigmas, steps, size):
+        """(start step, start latents, known (x0, noise, latent mask) or None, (pixel weight, round trip) or None)."""
+        H, W = size
+        batch = noise.shape[0]
+        pixels = img2img_lib.to_model_range(img2img_lib.fit_to_bucket(image, H, W))[None]
+        x0 = parallel.to_host(self._vae_program("encode")(self.vae_params, self.vae_config, jnp.asarray(pixels, self.dtype)))
+        x0 = np.asarray(x0, np.float32)
+        x0 = np.broadcast_to(x0, noise.shape).copy()
+        start = img2img_lib.start_step(steps, strength)
+        s = np.float32(sigmas[start])
+        latents = ((np.float32(1.0) - s) * x0 + s * noise).astype(np.float32)
+        if mask is None:
+            return start, latents, None, None
+        pixel_mask = np.asarray(img2img_lib.fit_to_bucket(mask, H, W), np.float32) / 255.0
+        tokens = img2img_lib.token_mask(pixel_mask)
+        latent_mask = np.broadcast_to(tokens[None], (batch, *tokens.shape)).astype(np.float32)
+        kept = np.asarray(parallel.to_host(self._vae_program("decode")(self.vae_params, self.vae_config, jnp.asarray(x0[:1]),
+                                                          H // PIXELS_PER_TOKEN, W // PIXELS_PER_TOKEN)), np.float32)
+        weight = img2img_lib.blend_weights(pixel_mask, tokens)
+        return start, latents, (x0, noise.astype(np.float32), latent_mask), (weight, kept)
+
+    def _vae_program(self, kind: str) -> Callable:
+        """The jitted VAE encode ("encode": image -> tokens) or round-trip decode ("decode": tokens -> [0, 1]
+        image) of image-to-image, kept with this pipeline's other programs."""
+        key = ("img2img_vae", kind)
+        if key not in self._programs:
+            if kind == "encode":
+                fn = jax.jit(vae_lib.encode_to_tokens, static_argnames=("config",))
+            else:
+                fn = jax.jit(lambda params, config, tokens, h, w: (jnp.clip(vae_lib.decode_tokens(
+                    params, config, tokens, h, w).astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0, static_argnums=(1, 3, 4))
+            self._programs[key] = fn
+        return self._programs[key]
+
+    def rewrite_prompts(self, prompts, seed: int = 0) -> list[str]:
+        """Prompts -> the reasoner's rewrites (`configure_reasoner` picks the route; default: local GPT-OSS)."""
+        prompts = _as_list(prompts, "prompt")
+        reasoner = reasoner_lib.make_reasoner(lambda: self.text_encoder, self.tokenizer,
+                                              **{"seed": seed, **self.reasoner_options})
+        return reasoner(prompts)
+
+    def configure_reasoner(self, *, system_prompt: str | None = None, api_url: str | None = None,
+                            api_key: str | None = None, api_model: str | None = None, api_timeout: float | None = None,
+                            max_new_tokens: int | None = None, temperature: float | None = None) -> None:
+        """Settings of `enable_reasoner` (None keeps the default): the system prompt, the HTTP route
+        (api_url + api_model, key or $LENS_REASONER_API_KEY, timeout in s), decoding limits."""
+        given = dict(system_prompt=system_prompt, api_url=api_url, api_key=api_key, api_model=api_model,
+                     api_timeout=api_timeout, max_new_tokens=max_new_tokens, temperature=temperature)
+        self.reasoner_options = {k: v for k, v in given.items() if v is not None}
+        if api_url or api_model:  # validate the HTTP settings now, not after loading a model
+            reasoner_lib.make_reasoner(lambda: None, None, **self.reasoner_options)
 
 
 def _nbytes(tree) -> int:

@@ -10,7 +10,9 @@ pipelines or two threads sample independently. A callback may raise to cancel a 
 exception propagates at the next step boundary.
 
 Steps before `start` are skipped (`lax.cond`): image-to-image starts later in the same
-schedule without a new program.
+schedule without a new program. Inpainting (`SamplerSpec.inpaint`) takes `known` = (known
+latents x0, their noise, latent mask [B, h*w, 1] with 1 = repaint) as arguments: after every
+step the kept region is reset to x0 noised to that step's sigma, (1 - s) x0 + s noise.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class SamplerSpec:
     sharding: parallel.BoundRules | None = None  # activation constraints (a mesh with tensor/fsdp axes)
     stream: Any = None  # DiT blocks streamed from host memory (lens_jax.parallel.HostStream) or None
     vae_tiling: Any = None  # a lens_jax.models.vae.Tiling for a tiled decode, or None
+    inpaint: bool = False  # the programs take `known` = (x0, noise, latent mask) and keep x0 outside the mask
 
 
 def velocity(spec: SamplerSpec, dit_params, x, features, mask, t, guidance):
@@ -65,6 +68,18 @@ def denoise_step(spec: SamplerSpec, dit_params, x, features, mask, sigmas, times
     return euler_step(x, velocity(spec, dit_params, x, features, mask, timesteps[i], guidance), sigmas[i], sigmas[i + 1])
 
 
+def reset_known(x, known, sigma):
+    """Inpainting: keep x where the latent mask is 1, elsewhere x0 noised to `sigma` (flow matching)."""
+    x0, noise, latent_mask = known
+    noised = (1.0 - sigma) * x0 + sigma * noise
+    return latent_mask * x + (1.0 - latent_mask) * noised
+
+
+def _step(spec: SamplerSpec, dit_params, x, features, mask, sigmas, timesteps, guidance, i, known):
+    x = denoise_step(spec, dit_params, x, features, mask, sigmas, timesteps, guidance, i)
+    return reset_known(x, known, sigmas[i + 1]) if spec.inpaint else x
+
+
 def decode(spec: SamplerSpec, vae_params, x):
     """Packed latents -> image [B, H, W, 3] in [0, 1]."""
     h, w = spec.img_shape
@@ -72,17 +87,19 @@ def decode(spec: SamplerSpec, vae_params, x):
     return (jnp.clip(raw.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
 
 
-def sample(spec: SamplerSpec, dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance, start):
+def sample(spec: SamplerSpec, dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance, start,
+           known=None):
     """Denoise packed latents [B, h*w, C] from step `start` to the end, then (optionally) decode.
 
-    With CFG, `features`/`mask` hold [cond; uncond] rows (2B); otherwise B rows. Returns
+    With CFG, `features`/`mask` hold [cond; uncond] rows (2B); otherwise B rows. `known`
+    (inpainting specs only): (x0, noise, latent mask), see `reset_known`. Returns
     (final latents [B, h*w, C] f32, image [B, H, W, 3] in [0, 1] or None, trajectory [N, B, h*w, C] or None).
     """
 
     def step(x, i):
         x = jax.lax.cond(
             i >= start,
-            lambda x: denoise_step(spec, dit_params, x, features, mask, sigmas, timesteps, guidance, i),
+            lambda x: _step(spec, dit_params, x, features, mask, sigmas, timesteps, guidance, i, known),
             lambda x: x,
             x,
         )
@@ -116,15 +133,16 @@ def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, 
     traj = rep if spec.keep_trajectory else None
     feats = [txt] * spec.dit_config.num_text_layers
     donate = (2,) if jax.default_backend() != "cpu" else ()
+    known = ((lat, lat, lat),) if spec.inpaint else ()
     whole = jax.jit(
         lambda *args: sample(spec, *args),
-        in_shardings=(dit_shardings.tree, vae_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep),
+        in_shardings=(dit_shardings.tree, vae_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep) + known,
         out_shardings=(lat, image, traj),
         donate_argnums=donate,
     )
     step = jax.jit(
-        lambda p, x, f, m, s, t, g, i: denoise_step(spec, p, x, f, m, s, t, g, i),
-        in_shardings=(dit_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep),
+        lambda p, x, f, m, s, t, g, i, *k: _step(spec, p, x, f, m, s, t, g, i, k[0] if k else None),
+        in_shardings=(dit_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep) + known,
         out_shardings=lat,
         donate_argnums=(1,) if donate else (),
     )
@@ -135,18 +153,21 @@ def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, 
 
 
 def run(programs: Programs, spec: SamplerSpec, dit_params, vae_params, latents, features, mask, sigmas, timesteps,
-        guidance, start, callback: Callable[[int, float, Any], None] | None = None):
+        guidance, start, callback: Callable[[int, float, Any], None] | None = None, known=None):
     """Run a sampler: one program without `callback`; else a host loop over steps calling
-    `callback(step, timestep, latents)` after each (latents stay on the devices)."""
+    `callback(step, timestep, latents)` after each (latents stay on the devices). `known`:
+    (x0, noise, latent mask) for an inpainting spec, else None."""
+    extra = (known,) if spec.inpaint else ()
     if callback is None:
-        return programs.whole(dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance, start)
+        return programs.whole(dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance, start,
+                              *extra)
     import numpy as np
 
     x = latents
     trajectory = []
     host_timesteps = np.asarray(timesteps)
     for i in range(int(start), spec.num_steps):
-        x = programs.step(dit_params, x, features, mask, sigmas, timesteps, guidance, jnp.int32(i))
+        x = programs.step(dit_params, x, features, mask, sigmas, timesteps, guidance, jnp.int32(i), *extra)
         if spec.keep_trajectory:
             trajectory.append(x)
         callback(i, float(host_timesteps[i]), x)

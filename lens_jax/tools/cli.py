@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from lens_jax.errors import LensError
+
 from .runtime import default_xla_flags
 
 # subcommand -> module under lens_jax.tools
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return modules[args.command].run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, LensError) as e:
         print(f"lens-jax: error: {e}", file=sys.stderr)
         return 2
 

@@ -63,6 +63,7 @@ class Job:
     expected: dict
     ignore: tuple = ()
     keep_mxfp4: bool = False
+    lm_head: bool = False  # text encoder: the causal-LM head (final norm + lm_head) is converted too
     stacked_key: str | None = None
     what: str = ""
     load_source: Callable[[], Any] | None = field(default=None, repr=False)  # the component module's own loader
@@ -157,6 +158,7 @@ def plan_text_encoder(source: Path, dtype, keep_mxfp4: bool) -> Job:
     from ..models.text_encoder import TextEncoderConfig
 
     from ..weights.text_encoder import IGNORED, convert_text_encoder_weights, text_encoder_expected_shapes, text_encoder_rules
+    from ..weights.text_encoder import has_lm_head
 
     folder = source if source.is_dir() else source.parent
     config_path = folder / "config.json"
@@ -174,10 +176,12 @@ def plan_text_encoder(source: Path, dtype, keep_mxfp4: bool) -> Job:
         config = TextEncoderConfig.from_json(config_path)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path}: {e}") from None
-    rules = text_encoder_rules(config.attention_bias, expert_layout, keep_mxfp4)
+    head = has_lm_head(reader)  # converted when present: the reasoner decodes with it
+    rules = text_encoder_rules(config.attention_bias, expert_layout, keep_mxfp4, lm_head=head)
     return Job(
         "text_encoder", reader, source, config_path, "beside the weights", config, detected, rules,
-        text_encoder_expected_shapes(config, dtype, keep_mxfp4), ignore=tuple(IGNORED), keep_mxfp4=keep_mxfp4,
+        text_encoder_expected_shapes(config, dtype, keep_mxfp4, head), ignore=() if head else tuple(IGNORED),
+        keep_mxfp4=keep_mxfp4, lm_head=head,
         stacked_key=registry.component("text_encoder").stacked_key,
         what=f"GPT-OSS text encoder checkpoint ({detected.name}; config {config_path})",
         load_source=lambda: convert_text_encoder_weights(reader, config, dtype, keep_mxfp4=keep_mxfp4),
@@ -289,6 +293,7 @@ def write_component(job: Job, out: Path, progress: bool) -> dict:
     }
     if job.component == "text_encoder":
         entry["keep_mxfp4"] = job.keep_mxfp4
+        entry["lm_head"] = job.lm_head
     return entry
 
 

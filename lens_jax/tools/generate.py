@@ -44,6 +44,18 @@ def add_parser(sub) -> None:
                    help="a LoRA (diffusers/PEFT, kohya or ComfyUI safetensors) merged at multiplier MULT "
                         "(default 1.0); repeat to stack several")
     bulk.add_arguments(p)
+    g = p.add_argument_group("image-to-image / inpainting (docs/img2img.md)")
+    g.add_argument("--image", default=None, help="start from this image (fitted to the closest bucket)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much to change it, in (0, 1] (default 0.4, with --mask 1.0; 1 = pure noise)")
+    g.add_argument("--mask", default=None, help="with --image: inpainting mask, white = repaint, black = keep")
+    r = p.add_argument_group("prompt reasoner (docs/reasoner.md)")
+    r.add_argument("--reasoner", action="store_true", help="rewrite the prompt with GPT-OSS before generating")
+    r.add_argument("--reasoner-system-prompt", default=None, metavar="FILE", help="replace the reasoner's rules")
+    r.add_argument("--api-url", default=None, help="OpenAI-compatible endpoint for the reasoner instead of local GPT-OSS")
+    r.add_argument("--api-key", default=None, help="its key (default: $LENS_REASONER_API_KEY or $OPENAI_API_KEY)")
+    r.add_argument("--api-model", default=None, help="the model name the endpoint serves")
+    r.add_argument("--api-timeout", type=float, default=None, help="seconds per request (default 120)")
 
 
 def _load_pipeline(args):
@@ -94,6 +106,33 @@ def _save_png(image, path: Path, metadata: dict) -> None:
         raise
 
 
+def _check_extras(args) -> tuple[dict, dict]:
+    """Validate the image-to-image and reasoner flags before loading anything."""
+    from lens_jax.errors import InputError
+    from lens_jax.pipelines import img2img, reasoner
+
+    image_kwargs = {}
+    if args.image is None:
+        if args.mask is not None or args.strength is not None:
+            raise InputError("--mask and --strength need --image.")
+    else:
+        default = 1.0 if args.mask is not None else 0.4
+        strength = img2img.check_strength(default if args.strength is None else args.strength)
+        image_kwargs = {"image": img2img.load_image(args.image), "strength": strength}
+        if args.mask is not None:
+            image_kwargs["mask_image"] = img2img.load_mask(args.mask)
+    options = {}
+    if not args.reasoner:
+        if any(v is not None for v in (args.reasoner_system_prompt, args.api_url, args.api_model, args.api_key)):
+            raise InputError("--reasoner-system-prompt / --api-url / --api-key / --api-model need --reasoner.")
+    else:
+        options = {"system_prompt": reasoner.load_system_prompt(args.reasoner_system_prompt), "api_url": args.api_url,
+                   "api_key": args.api_key, "api_model": args.api_model, "api_timeout": args.api_timeout}
+        if args.api_url or args.api_model:
+            reasoner.make_reasoner(lambda: None, None, **{k: v for k, v in options.items() if v is not None})
+    return image_kwargs, options
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
@@ -114,10 +153,13 @@ def run(args) -> int:
             from lens_jax.errors import InputError
 
             raise InputError(f"--lora {path}: no such file; pass a LoRA .safetensors file, optionally FILE:MULT.")
+    image_kwargs, reasoner_options = _check_extras(args)
     enable_compilation_cache()
     pipe, model = _load_pipeline(args)
     for path, mult in loras:
         pipe.load_lora(path, mult)
+    if args.reasoner:
+        pipe.configure_reasoner(**reasoner_options)
     steps = args.steps or pipe.defaults["num_inference_steps"]
     guidance = pipe.defaults["guidance_scale"] if args.guidance is None else args.guidance
 
@@ -126,7 +168,7 @@ def run(args) -> int:
     out = pipe(
         args.prompt, negative_prompt=args.negative_prompt, height=height, width=width, num_inference_steps=steps,
         guidance_scale=guidance, num_images_per_prompt=args.num_images, seed=seed,
-        callback=lambda step, t, latents: bar.update(1),
+        callback=lambda step, t, latents: bar.update(1), enable_reasoner=args.reasoner, **image_kwargs,
     )
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -142,6 +184,12 @@ def run(args) -> int:
         }
         if loras:
             meta["loras"] = [{"file": f, "multiplier": m} for f, m in loras]
+        if args.reasoner:
+            meta["reasoner_prompt"] = out.prompts[i // args.num_images]
+        if args.image:
+            meta.update(image=str(args.image), strength=image_kwargs["strength"])
+            if args.mask:
+                meta["mask"] = str(args.mask)
         path = out_dir / f"lens-{stamp}-seed{seed}-{i}.png"
         _save_png(image, path, meta)
         print(path)

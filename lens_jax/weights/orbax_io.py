@@ -311,7 +311,7 @@ def check_components(root: str | Path, names: Sequence[str] = tuple(COMPONENTS))
 
 def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: bool = True,
                    keep_mxfp4: bool | None = None, num_layers: int | None = None, rules=None,
-                   layers_on_host: bool = False):
+                   layers_on_host: bool = False, lm_head: bool = False):
     """(config, params) of one converted component; params placed on `mesh` (default: first device).
 
     dtype: the parameter dtype to restore into (leaves the model keeps in float32, such as the
@@ -321,6 +321,8 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
     None = as converted; a value contradicting the conversion is an error. `num_layers` (text
     encoder): restore only the first decoder layers. `layers_on_host`: the stacked layers go to
     pinned host memory (streamed offload, `lens_jax.parallel.offload`), never through the device.
+    `lm_head` (text encoder): also restore the final norm and the LM head (the conversion must
+    have stored them).
     """
     spec = registry.component(component)
     root = Path(root)
@@ -330,6 +332,13 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
     options = {}
     if component == "text_encoder":
         options = {"packed": text_encoder_packed(root, manifest, keep_mxfp4), "num_layers": num_layers}
+        if lm_head:
+            if not manifest["components"]["text_encoder"].get("lm_head", False):
+                raise ConvertedCheckpointError(
+                    f"{root}/text_encoder was converted without the causal-LM head (lm_head + final norm), which "
+                    "text generation (the prompt reasoner) needs; convert it again with this lens-jax version."
+                )
+            options["lm_head"] = True
     abstract = spec.abstract_params(config, dtype, **options)
     if mesh is None:
         shardings = None

@@ -37,14 +37,14 @@ class Component:
         return jax.eval_shape(lambda: self.init_params(config, jax.random.key(0), dtype, **options))
 
 
-def _te_init(config, key, dtype, packed: bool = False, num_layers: int | None = None):
+def _te_init(config, key, dtype, packed: bool = False, num_layers: int | None = None, lm_head: bool = False):
     cfg = config if num_layers is None else config.truncated(num_layers)
-    return te.init_params(cfg, key, dtype, packed=packed)
+    return te.init_params(cfg, key, dtype, packed=packed, lm_head=lm_head)
 
 
-def _te_axes(config, packed: bool = False, num_layers: int | None = None):
+def _te_axes(config, packed: bool = False, num_layers: int | None = None, lm_head: bool = False):
     cfg = config if num_layers is None else config.truncated(num_layers)
-    return te.param_axes(cfg, packed=packed)
+    return te.param_axes(cfg, packed=packed, lm_head=lm_head)
 
 
 def _dit_forward(config, params, dtype) -> list:

@@ -6,12 +6,14 @@ Two source layouts exist:
   * MXFP4 (`openai/gpt-oss-*`, Lens' `text_encoder/`): `*_blocks` uint8 [E, out, in/32, 16] and
     `*_scales` uint8 [E, out, in/32] instead of those two tensors.
 An MXFP4 checkpoint is either dequantised at conversion (exact) or kept packed (copied as
-uint8, dequantised inside the forward). `model.norm.weight` and `lm_head.weight` are accepted
-and not loaded: Lens uses raw decoder-layer outputs.
+uint8, dequantised inside the forward). `model.norm.weight` and `lm_head.weight` (the causal-LM
+head, used by the prompt reasoner's decoding) are loaded with `lm_head=True` and skipped
+otherwise: Lens' features are raw decoder-layer outputs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 from pathlib import Path
@@ -21,10 +23,11 @@ import ml_dtypes
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError
 from ..models import mxfp4
+from ..models.gpt_oss_decode import CausalLM
 from ..models.dtypes import resolve_dtype
-from ..models.text_encoder import DEFAULT_SELECTED_LAYERS, TextEncoder, TextEncoderConfig, check_selected_layers, init_params
+from ..models.text_encoder import DEFAULT_SELECTED_LAYERS, TextEncoderConfig, check_selected_layers, init_params
 
 from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, unflatten
 from .safetensors_io import SafetensorsReader, open_checkpoint
@@ -60,7 +63,14 @@ MXFP4_DEQUANT = Transform(
     _dequantize_experts,
 )
 
-IGNORED = (r"^lm_head\.weight$", r"^model\.norm\.weight$")
+IGNORED = (r"^lm_head\.weight$", r"^model\.norm\.weight$")  # skipped unless the head is loaded
+HEAD_KEYS = ("lm_head.weight", "model.norm.weight")
+
+# The causal-LM head: optional mapping rules, added when the head is loaded.
+HEAD_RULES = (
+    Rule("norm.weight", "model.norm.weight"),
+    Rule("lm_head.kernel", "lm_head.weight", LINEAR),
+)
 
 _L = "model.layers.{i}."
 _EXPERTS = _L + "mlp.experts."
@@ -73,8 +83,10 @@ def _linear(target: str, source: str, bias: bool) -> list[Rule]:
     return rules
 
 
-def text_encoder_rules(attention_bias: bool = True, layout: str = "float", keep_mxfp4: bool = False) -> list[Rule]:
-    """The mapping as data. `layout` is the checkpoint's expert layout ("float" or "mxfp4")."""
+def text_encoder_rules(attention_bias: bool = True, layout: str = "float", keep_mxfp4: bool = False,
+                       lm_head: bool = False) -> list[Rule]:
+    """The mapping as data. `layout` is the checkpoint's expert layout ("float" or "mxfp4");
+    `lm_head` adds the final norm and the LM head."""
     if layout not in ("float", "mxfp4"):
         raise ValueError(f"unknown expert layout {layout!r}")
     if keep_mxfp4 and layout != "mxfp4":
@@ -99,7 +111,15 @@ def text_encoder_rules(attention_bias: bool = True, layout: str = "float", keep_
             rules.append(Rule(f"{target}_scales", _EXPERTS + f"{name}_scales"))
         else:
             rules.append(Rule(target, (_EXPERTS + f"{name}_blocks", _EXPERTS + f"{name}_scales"), MXFP4_DEQUANT))
+    if lm_head:
+        rules.extend(HEAD_RULES)
     return rules
+
+
+def has_lm_head(reader: SafetensorsReader) -> bool:
+    """Whether the checkpoint holds the causal-LM head (`lm_head.weight` and `model.norm.weight`)."""
+    keys = set(reader.keys())
+    return all(k in keys for k in HEAD_KEYS)
 
 
 def source_layout(reader: SafetensorsReader) -> str:
@@ -107,8 +127,8 @@ def source_layout(reader: SafetensorsReader) -> str:
     return "mxfp4" if any(k.endswith("mlp.experts.gate_up_proj_blocks") for k in reader.keys()) else "float"
 
 
-def text_encoder_expected_shapes(config, dtype, packed: bool) -> dict:
-    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype, packed=packed))
+def text_encoder_expected_shapes(config, dtype, packed: bool, lm_head: bool = False) -> dict:
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype, packed=packed, lm_head=lm_head))
     return expected_shapes(abstract)
 
 
@@ -119,31 +139,37 @@ def _later_layers_pattern(first_unused: int, total: int) -> str | None:
 
 
 def convert_text_encoder_weights(reader: SafetensorsReader, config, dtype=np.float32, keep_mxfp4: bool | None = None,
-                                 num_layers: int | None = None, progress=None) -> dict:
+                                 num_layers: int | None = None, progress=None, lm_head: bool = False) -> dict:
     """Strictly map a GPT-OSS state dict to the JAX pytree (numpy leaves).
 
     `num_layers` keeps only the first decoder layers (later ones must exist and are skipped).
+    `lm_head` also maps `model.norm.weight` and `lm_head.weight` (they must exist).
     """
     layout = source_layout(reader)
     packed = (layout == "mxfp4") if keep_mxfp4 is None else bool(keep_mxfp4)
-    rules = text_encoder_rules(config.attention_bias, layout, packed)
+    if lm_head and not has_lm_head(reader):
+        raise CheckpointError(
+            "the text encoder checkpoint has no causal-LM head (lm_head.weight + model.norm.weight); text "
+            "generation needs a GptOssForCausalLM checkpoint such as Lens' text_encoder/ or openai/gpt-oss-20b."
+        )
+    rules = text_encoder_rules(config.attention_bias, layout, packed, lm_head)
     total = config.num_hidden_layers
     n = total if num_layers is None else int(num_layers)
     if not 1 <= n <= total:
         raise ValueError(f"num_layers must be in [1, {total}], got {n}.")
-    ignore = list(IGNORED)
+    ignore = [] if lm_head else list(IGNORED)
     later = _later_layers_pattern(n, total)
     if later:
         ignore.append(later)
     flat = convert_state_dict(
-        reader, rules, text_encoder_expected_shapes(config.truncated(n), dtype, packed),
+        reader, rules, text_encoder_expected_shapes(config.truncated(n), dtype, packed, lm_head),
         ignore=ignore, what=f"GPT-OSS text encoder checkpoint ({layout} experts)", progress=progress,
     )
     return unflatten(flat)
 
 
 def convert_text_encoder(path: str | os.PathLike, dtype=np.float32, keep_mxfp4: bool | None = None,
-                         num_layers: int | None = None, progress=None):
+                         num_layers: int | None = None, progress=None, lm_head: bool = False):
     """Read an HF GPT-OSS folder -> (TextEncoderConfig, params with numpy leaves).
 
     The config returned is the checkpoint's full config even when `num_layers` truncates the params.
@@ -161,7 +187,7 @@ def convert_text_encoder(path: str | os.PathLike, dtype=np.float32, keep_mxfp4: 
         )
     config = TextEncoderConfig.from_json(config_path)
     reader = open_checkpoint(folder)
-    params = convert_text_encoder_weights(reader, config, dtype, keep_mxfp4, num_layers, progress)
+    params = convert_text_encoder_weights(reader, config, dtype, keep_mxfp4, num_layers, progress, lm_head)
     return config, params
 
 
@@ -173,20 +199,61 @@ def resolve_folder(path: str | os.PathLike) -> Path:
     return p
 
 
-def load(path: str | os.PathLike, selected_layers: Sequence[int] = DEFAULT_SELECTED_LAYERS, dtype=jnp.float32,
+def _is_dtype_like(x) -> bool:
+    if isinstance(x, (str, np.dtype, type)):
+        return True
+    return hasattr(x, "dtype") and not hasattr(x, "__len__")
+
+
+def default_selected_layers(folder: Path, config: TextEncoderConfig) -> tuple[int, ...]:
+    """The layers Lens reads: the DiT's `selected_layer_index` of a sibling transformer/config.json,
+    else (5, 11, 17, 23) when the model is that deep, else its last layer."""
+    dit_config = folder.parent / "transformer" / "config.json"
+    if dit_config.is_file():
+        sel = json.loads(dit_config.read_text()).get("selected_layer_index")
+        if sel:
+            return tuple(int(i) for i in sel)
+    if max(DEFAULT_SELECTED_LAYERS) < config.num_hidden_layers:
+        return DEFAULT_SELECTED_LAYERS
+    return (config.num_hidden_layers - 1,)
+
+
+def load(path: str | os.PathLike, selected_layers: Sequence[int] | None = None, dtype=jnp.float32,
          keep_mxfp4: bool | None = None, moe_impl: str = "grouped", moe_chunk: int | None = None,
-         place=None) -> TextEncoder:
+         place=None, causal_lm: bool = False) -> CausalLM:
     """Load an HF-format GPT-OSS folder (config.json + safetensors; float or MXFP4 experts).
 
-    Only decoder layers 0..max(selected_layers) are read. `keep_mxfp4`: None keeps MXFP4 experts
-    packed (uint8 on the device, dequantised in the forward) when the checkpoint has them; False
-    dequantises them at load time to `dtype`; True requires an MXFP4 checkpoint. The checkpoint's
-    `model.norm.weight` and `lm_head.weight` are accepted and ignored. `place(host_tree) -> tree`
-    puts the host (numpy) parameters where they belong (default: the default device).
+    `selected_layers`: the feature layers (None: `default_selected_layers`; a dtype given in this
+    place, as in `load(path, jnp.bfloat16)`, is taken as `dtype`). Only decoder layers
+    0..max(selected_layers) are read. `keep_mxfp4`: None keeps MXFP4 experts packed (uint8 on
+    the device, dequantised in the forward) when the checkpoint has them; False dequantises them
+    at load time to `dtype`; True requires an MXFP4 checkpoint. `place(host_tree) -> tree` puts the
+    host (numpy) parameters where they belong (default: the default device).
+
+    `causal_lm=True` reads every decoder layer plus the final norm and the untied `lm_head`
+    (needed by `.generate`). Otherwise they are skipped and read on the first `.generate` call.
     """
+    if selected_layers is not None and _is_dtype_like(selected_layers):
+        selected_layers, dtype = None, selected_layers
     folder = resolve_folder(path)
+    if not (folder / "config.json").exists():
+        raise CheckpointNotFoundError(
+            f"no config.json in {folder}: pass an HF GPT-OSS folder (config.json + model*.safetensors), "
+            "e.g. a Lens checkpoint's text_encoder/."
+        )
     config = TextEncoderConfig.from_json(folder / "config.json")
+    if selected_layers is None:
+        selected_layers = default_selected_layers(folder, config)
     sel = check_selected_layers(selected_layers, config.num_hidden_layers)
-    config, flat = convert_text_encoder(folder, resolve_dtype(dtype), keep_mxfp4=keep_mxfp4, num_layers=max(sel) + 1)
-    params = jax.tree.map(jnp.asarray, flat) if place is None else place(flat)
-    return TextEncoder(config, params, sel, moe_impl, moe_chunk)
+    dtype = resolve_dtype(dtype)
+
+    def lm_loader():
+        _, full = convert_text_encoder(folder, dtype, keep_mxfp4=keep_mxfp4, lm_head=True)
+        return jax.tree.map(jnp.asarray, full) if place is None else place(full)
+
+    if causal_lm:
+        params = lm_loader()
+    else:
+        _, flat = convert_text_encoder(folder, dtype, keep_mxfp4=keep_mxfp4, num_layers=max(sel) + 1)
+        params = jax.tree.map(jnp.asarray, flat) if place is None else place(flat)
+    return CausalLM(config, params, sel, moe_impl, moe_chunk, lm_loader=lm_loader)
