@@ -34,6 +34,7 @@ from ..sampling.scheduler import SchedulerConfig, schedule
 from ..weights import hub, registry
 from . import components as components_lib
 from . import prompt as prompt_lib
+from . import validation
 
 __all__ = ["LensPipeline", "LensPipelineOutput", "UPSTREAM_DEFAULTS", "load_preset"]
 
@@ -59,6 +60,7 @@ class LensPipelineOutput:
     trajectory: np.ndarray | None = None  # [steps, B, h*w, C] when asked for
     text_features: list[np.ndarray] | None = None
     text_mask: np.ndarray | None = None
+    seeds: list[int] | None = None  # image k's noise seed (seed + k); None when latents were given
 
 
 def _round_up(n: int, m: int) -> int:
@@ -283,8 +285,22 @@ class LensPipeline:
         max_sequence_length: int = prompt_lib.MAX_SEQUENCE_LENGTH,
         callback: Callable[[int, float, Any], None] | None = None,
         return_trajectory: bool = False,
+        min_text_length: int | None = None,
     ) -> LensPipelineOutput:
-        """Generate images. `callback(step, timestep, latents)` is called after every step."""
+        """Generate images. `callback(step, timestep, latents)` is called after every step.
+
+        Every argument is checked first (`lens_jax.pipelines.validation`). Image k (prompt-major
+        order) starts from the noise of `seed + k` alone. Bit-exact reproduction of image k needs
+        the same shapes (XLA's summation order depends on them): the same number of images and
+        text length (`min_text_length`), any prompts in the other rows; alone it matches to float
+        rounding.
+        """
+        checked = validation.check_call(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents,
+            prompt_embeds=prompt_embeds)
+        prompt, negative_prompt, seed, latents = (checked[k] for k in ("prompt", "negative_prompt", "seed", "latents"))
+        num_inference_steps, guidance_scale = checked["num_inference_steps"], checked["guidance_scale"]
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}.")
         H, W = resolve_size(height, width, base_resolution, aspect_ratio)
@@ -301,9 +317,12 @@ class LensPipeline:
         # Repeat each row in place: [c0, c0, c1, c1; u0, u0, u1, u1] keeps the [cond; uncond] halves.
         feats = [np.repeat(f, num_images_per_prompt, axis=0) for f in feats]
         mask = np.repeat(mask, num_images_per_prompt, axis=0)
-        feats, mask = _pad_text(feats, mask, _round_up(mask.shape[1], TEXT_BUCKET))
+        feats, mask = _pad_text(feats, mask, _round_up(max(mask.shape[1], int(min_text_length or 0)), TEXT_BUCKET))
         batch = n_prompts * num_images_per_prompt
         channels = self.dit_config.in_channels
+        if latents is None:
+            seed = random.randrange(2**31) if seed is None else seed
+        seeds = None if latents is not None else [seed + k for k in range(batch)]
         latents = self._initial_latents(latents, seed, (batch, h * w, channels))
 
         sigmas, timesteps = schedule(steps, h * w, self.scheduler_config)
@@ -341,7 +360,7 @@ class LensPipeline:
         return LensPipelineOutput(
             images=images, latents=final,
             trajectory=None if trajectory is None else parallel.to_host(trajectory),
-            text_features=feats, text_mask=mask,
+            text_features=feats, text_mask=mask, seeds=seeds,
         )
 
     def _text_inputs(self, prompt, negative_prompt, prompt_embeds, prompt_mask, negative_prompt_embeds,
@@ -395,8 +414,22 @@ class LensPipeline:
                     f"got {list(latents.shape)}."
                 )
             return latents
-        seed = random.randrange(2**31) if seed is None else int(seed)
-        return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+        return image_noise(int(seed), shape)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The threefry key of a seed in [0, 2**64 - 1]: all 64 bits count (jax.random.key keeps only
+    the low 32 without x64); equal to `jax.random.key(seed)` for seeds below 2**32."""
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
+
+
+def image_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """Initial noise [B, h*w, C]: row k from `seed + k` alone, so an image's noise does not depend
+    on the batch it is drawn in."""
+    b, n, c = shape
+    keys = jax.random.wrap_key_data(np.array([[(seed + k) >> 32, (seed + k) & 0xFFFFFFFF] for k in range(b)],
+                                             np.uint32).reshape(b, 2))
+    return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (n, c), jnp.float32))(keys))
 
 
 def _nbytes(tree) -> int:

@@ -25,3 +25,10 @@ def enable_compilation_cache() -> None:
         return
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party messages a lens-jax user cannot act on (a user's own settings win):
+    transformers' advisory banners (e.g. "PyTorch was not found": only its tokenizer is used)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
