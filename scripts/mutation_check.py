@@ -31,7 +31,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "lens_jax/models/vae/tiling.py",
         "tiles = jnp.stack([z[:, y:y + th, x:x + tw] for y in ys for x in xs])",
         "tiles = jnp.stack([z[:, y:y + th, x:x + tw] for x in xs for y in ys])",
-        ["tests/test_vae.py"],
+        ["tests/test_vae.py::test_tiled_decode_equals_an_independent_tile_and_blend"],
     ),
     "bn-eps": (
         "lens_jax/models/vae/api.py",
