@@ -37,7 +37,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
         "lens_jax/models/vae/api.py",
         "p = denormalize(unpack(tokens, h, w), params[\"bn\"], config.batch_norm_eps)",
         "p = denormalize(unpack(tokens, h, w), params[\"bn\"], config.norm_eps)",
-        ["tests/test_pipeline.py::test_end_to_end_matches_golden"],
+        ["tests/test_pipeline.py::test_encoder_layers_and_raw_decode_match_golden"],
     ),
     "timestep-scale": (
         "lens_jax/sampling/sampler.py",

@@ -26,6 +26,8 @@ FLOOR = {
     "latents_final": 1.39e-5, "image_np": 4.11e-6,
     **{f"step{i}_latents": f for i, f in enumerate((7.95e-7, 1.96e-6, 4.93e-6, 1.39e-5))},
     **{f"dit_text_features_layer{i}": f for i, f in enumerate((4.09e-5, 1.12e-4, 1.69e-4, 2.70e-4))},
+    **{f"pos_encoder_layer{i}": f for i, f in enumerate((4.09e-5, 1.12e-4, 1.69e-4, 2.70e-4))},
+    "image_decoded_raw": 9.24e-6,
 }
 FLOOR_MULTIPLE = 5
 
@@ -78,6 +80,20 @@ def test_scheduler_and_guidance_inputs_match_golden(io):
     np.testing.assert_array_equal(timesteps, io["scheduler_timesteps"])
     pred = sampler_lib.guided_velocity(io["step0_noise_cond"], io["step0_noise_uncond"], jnp.float32(4.0))
     np.testing.assert_allclose(pred, io["step0_noise_pred"], atol=1e-5, rtol=0)
+
+
+def test_encoder_layers_and_raw_decode_match_golden(pipe, io):
+    """The golden arrays between the stages: every selected encoder layer over the whole templated
+    prompt (before the offset crop), and the VAE's unclamped decode of the final latents."""
+    from lens_jax.models import vae as vae_lib
+
+    layers = pipe.text_encoder(io["pos_input_ids"], io["pos_attention_mask"])
+    for i, layer in enumerate(layers):
+        name = f"pos_encoder_layer{i}"
+        np.testing.assert_allclose(np.asarray(layer), io[name], atol=_bound(name), rtol=0)
+    raw = vae_lib.decode_tokens(pipe.vae_params, pipe.vae_config, jnp.asarray(io["latents_final"]), 4, 5)
+    np.testing.assert_allclose(np.asarray(raw).transpose(0, 3, 1, 2), io["image_decoded_raw"],
+                               atol=_bound("image_decoded_raw"), rtol=0)
 
 
 def test_sampler_feeds_the_dit_the_golden_timesteps(io, monkeypatch):
