@@ -34,6 +34,11 @@ def _env(**extra) -> dict:
     return env
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action, whatever the test runner inherited (a background job ignores SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if ".convert-tmp-" in p.name or ".convert-old-" in p.name
             or p.name.endswith(".part")]
@@ -260,6 +265,7 @@ def test_ctrl_c_during_generate_stops_at_a_step_boundary(tmp_path):
         [sys.executable, "-m", "lens_jax.tools.cli", "generate", "--model", "tiny-random", "--prompt", "x",
          "--height", "32", "--width", "32", "--steps", "5000", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(LENS_JAX_COMPILATION_CACHE="off"),
+        preexec_fn=_default_sigint,
     )
     lines: list[str] = []
     # tqdm redraws with \r: read characters until the first finished step is shown
@@ -291,7 +297,7 @@ def _convert_cmd(dst: Path) -> list[str]:
 def _interrupt_convert(dst: Path, sig: int, delay: float) -> tuple[int, str]:
     """Start a conversion, send `sig` `delay` seconds after its planning is done (writing starts)."""
     proc = subprocess.Popen(_convert_cmd(dst), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_env())
+                            env=_env(), preexec_fn=_default_sigint)
     lines: list[str] = []
     ready = _wait_for(proc, lines, "vae: diffusers layout", 240)
     if ready:
