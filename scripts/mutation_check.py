@@ -48,7 +48,7 @@ MUTATIONS: dict[str, tuple[str, str, str, list[str]]] = {
     "batch-noise": (
         "lens_jax/pipelines/text_to_image.py",
         "keys = jax.random.wrap_key_data(np.array([[(seed + k) >> 32, (seed + k) & 0xFFFFFFFF] for k in range(b)],",
-        "keys = jax.random.wrap_key_data(np.array([[(seed + 0) >> 32, (seed + k) & 0xFFFFFFFF] for k in range(b)],",
+        "keys = jax.random.wrap_key_data(np.array([[(seed + k) >> 32, seed & 0xFFFFFFFF] for k in range(b)],",
         ["tests/test_reliability.py::test_noise_of_image_k_depends_only_on_its_seed"],
     ),
     "steps-zero-accepted": (
