@@ -10,8 +10,6 @@ import pytest
 from lens_jax.weights.text_encoder import MXFP4_DEQUANT
 from lens_jax.models import mxfp4
 
-torch = pytest.importorskip("torch")
-hf_mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
 
 E, OUT, IN = 3, 16, 96  # 3 blocks of 32 per row
 
@@ -24,6 +22,8 @@ def _random_packed(seed=0, lo=110, hi=140):
 
 
 def test_dequantize_matches_transformers():
+    torch = pytest.importorskip("torch")  # only this test needs the reference; the others run without torch
+    hf_mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
     blocks, scales = _random_packed()
     # transformers returns the in-memory parameter layout [E, in, out]
     ref = hf_mxfp4.convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)

@@ -437,3 +437,34 @@ def test_tiled_decode(tiny):
     np.testing.assert_allclose(tiled[:, :, :16, :16], first[:, :, :16, :16], atol=1e-6)
     # and the tiles are really separate decodes (GroupNorm statistics per tile), so not the full decode
     assert max_err(tiled, full) > 1e-3
+
+
+def test_tiled_decode_equals_an_independent_tile_and_blend(tiny):
+    """Every pixel of the tiled decode against tiles decoded one by one and cross-faded here in
+    float64 (linear ramps over the overlap on edges shared with a neighbour, weights normalised)."""
+    z = np.random.default_rng(6).standard_normal((1, 8, 6, 10)).astype(np.float32)
+    tile, overlap, f = 4, 2, 8
+    tiled = np.asarray(tiny.decode(z, tiled=V.Tiling(tile=tile, overlap=overlap)), np.float64)
+    h, w = z.shape[2], z.shape[3]
+    ys, xs = [0, 2], [0, 2, 4, 6]  # tiles of 4 with overlap 2 covering 6 x 10, the last ones flush with the edge
+    size, ramp = tile * f, overlap * f
+
+    def weights(start, length):
+        wt = np.ones(size)
+        r = (np.arange(ramp) + 0.5) / ramp
+        if start > 0:
+            wt[:ramp] = np.minimum(wt[:ramp], r)
+        if start + tile < length:
+            wt[-ramp:] = np.minimum(wt[-ramp:], r[::-1])
+        return wt
+
+    acc = np.zeros_like(tiled)
+    norm = np.zeros(tiled.shape[2:])
+    for y in ys:
+        for x in xs:
+            piece = np.asarray(tiny.decode(z[:, :, y:y + tile, x:x + tile]), np.float64)
+            wgt = np.outer(weights(y, h), weights(x, w))
+            acc[:, :, y * f:(y + tile) * f, x * f:(x + tile) * f] += piece * wgt
+            norm[y * f:(y + tile) * f, x * f:(x + tile) * f] += wgt
+    assert norm.min() > 0  # every pixel covered
+    np.testing.assert_allclose(tiled, acc / norm, rtol=0, atol=1e-5)

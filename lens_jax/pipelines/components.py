@@ -61,6 +61,8 @@ def load_components(root: Path, dtype, keep_mxfp4: bool | None = None, mesh=None
     dit_config, dit_params = convert_transformer(root / "transformer", dtype)
     vae_config, vae_params = convert_vae(root / "vae", dtype)
     selected = tuple(dit_config.selected_layer_index)
+    # Loaded lazily, but its files are checked now: a damaged text encoder fails at load, not at the first prompt.
+    te_weights.check_text_encoder(root / "text_encoder", dtype, keep_mxfp4=keep_mxfp4, num_layers=max(selected) + 1)
 
     def text_encoder_factory():
         place = None
@@ -99,6 +101,7 @@ def load_converted(root: str | Path, dtype, keep_mxfp4: bool | None = None, mesh
     selected = tuple(dit_config.selected_layer_index)
     needed = max(selected) + 1
     te_lib.check_selected_layers(selected, te_config.num_hidden_layers)
+    orbax_io.check_component(root, "text_encoder", dtype, keep_mxfp4=keep_mxfp4, num_layers=needed)  # eager check
 
     def text_encoder_factory():
         config, params = orbax_io.load_component(root, "text_encoder", dtype, mesh=mesh, fsdp=fsdp,

@@ -72,6 +72,9 @@ def load_tokenizer(path: str | os.PathLike):
 
     Right padding; the pad token falls back to the eos token when the tokenizer has none.
     """
+    # Only the tokenizer is used: transformers' "PyTorch was not found" banner is noise here
+    # (a user's own TRANSFORMERS_NO_ADVISORY_WARNINGS wins).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer
 
     p = Path(path)

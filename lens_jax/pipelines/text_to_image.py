@@ -39,6 +39,7 @@ from . import components as components_lib
 from . import img2img as img2img_lib
 from . import prompt as prompt_lib
 from . import reasoner as reasoner_lib
+from . import validation
 
 __all__ = ["LensPipeline", "LensPipelineOutput", "UPSTREAM_DEFAULTS", "load_preset"]
 
@@ -66,6 +67,7 @@ class LensPipelineOutput:
     text_mask: np.ndarray | None = None
     prompts: list[str] | None = None  # the prompts the images were made from (rewritten by the reasoner if on)
     original_prompts: list[str] | None = None  # the caller's prompts when the reasoner rewrote them
+    seeds: list[int] | None = None  # image k's noise seed (seed + k); None when latents were given
 
 
 def _round_up(n: int, m: int) -> int:
@@ -357,13 +359,26 @@ class LensPipeline:
         strength: float = 1.0,
         mask_image=None,
         enable_reasoner: bool = False,
+        min_text_length: int | None = None,
     ) -> LensPipelineOutput:
         """Generate images. `callback(step, timestep, latents)` is called after every step.
 
         `image` (path, PIL image or array; one image for every output) with `strength` in (0, 1]:
         image-to-image; with `mask_image` (white = repaint): inpainting (docs/img2img.md).
         `enable_reasoner`: rewrite the prompts first (`configure_reasoner`; docs/reasoner.md).
+
+        Every argument is checked first (`lens_jax.pipelines.validation`). Image k (prompt-major
+        order) starts from the noise of `seed + k` alone. Bit-exact reproduction of image k needs
+        the same shapes (XLA's summation order depends on them): the same number of images and
+        text length (`min_text_length`), any prompts in the other rows; alone it matches to float
+        rounding.
         """
+        checked = validation.check_call(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents,
+            prompt_embeds=prompt_embeds)
+        prompt, negative_prompt, seed, latents = (checked[k] for k in ("prompt", "negative_prompt", "seed", "latents"))
+        num_inference_steps, guidance_scale = checked["num_inference_steps"], checked["guidance_scale"]
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}.")
         init_image, init_mask, strength = self._check_image_inputs(image, strength, mask_image)
@@ -389,9 +404,12 @@ class LensPipeline:
         # Repeat each row in place: [c0, c0, c1, c1; u0, u0, u1, u1] keeps the [cond; uncond] halves.
         feats = [np.repeat(f, num_images_per_prompt, axis=0) for f in feats]
         mask = np.repeat(mask, num_images_per_prompt, axis=0)
-        feats, mask = _pad_text(feats, mask, _round_up(mask.shape[1], TEXT_BUCKET))
+        feats, mask = _pad_text(feats, mask, _round_up(max(mask.shape[1], int(min_text_length or 0)), TEXT_BUCKET))
         batch = n_prompts * num_images_per_prompt
         channels = self.dit_config.in_channels
+        if latents is None:
+            seed = random.randrange(2**31) if seed is None else seed
+        seeds = None if latents is not None else [seed + k for k in range(batch)]
         latents = self._initial_latents(latents, seed, (batch, h * w, channels))
 
         sigmas, timesteps = schedule(steps, h * w, self.scheduler_config)
@@ -439,7 +457,7 @@ class LensPipeline:
         return LensPipelineOutput(
             images=images, latents=final,
             trajectory=None if trajectory is None else parallel.to_host(trajectory),
-            text_features=feats, text_mask=mask,
+            text_features=feats, text_mask=mask, seeds=seeds,
             prompts=None if prompt is None else _as_list(prompt, "prompt"), original_prompts=original_prompts,
         )
 
@@ -494,8 +512,22 @@ class LensPipeline:
                     f"got {list(latents.shape)}."
                 )
             return latents
-        seed = random.randrange(2**31) if seed is None else int(seed)
-        return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+        return image_noise(int(seed), shape)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The threefry key of a seed in [0, 2**64 - 1]: all 64 bits count (jax.random.key keeps only
+    the low 32 without x64); equal to `jax.random.key(seed)` for seeds below 2**32."""
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
+
+
+def image_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """Initial noise [B, h*w, C]: row k from `seed + k` alone, so an image's noise does not depend
+    on the batch it is drawn in."""
+    b, n, c = shape
+    keys = jax.random.wrap_key_data(np.array([[(seed + k) >> 32, (seed + k) & 0xFFFFFFFF] for k in range(b)],
+                                             np.uint32).reshape(b, 2))
+    return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (n, c), jnp.float32))(keys))
 
     # ------------------------------------------------------------------ image-to-image, reasoner
 

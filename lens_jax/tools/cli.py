@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from lens_jax.errors import LensError
+from lens_jax.errors import InputError, LensError
 
 from .runtime import default_xla_flags
 
@@ -50,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return modules[args.command].run(args)
     except (ValueError, FileNotFoundError, LensError) as e:
-        print(f"lens-jax: error: {e}", file=sys.stderr)
+        print(f"lens-jax: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lens-jax: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) if isinstance(e, InputError) else str(e)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -38,8 +39,9 @@ import numpy as np
 from .. import configs
 from ..errors import CheckpointError, ConvertError
 from ..weights import layouts, registry
-from ..weights.orbax_io import FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR, save_streamed, stream_params
+from ..weights.orbax_io import FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR, param_files, save_streamed, stream_params
 from ..weights.safetensors_io import SafetensorsReader, open_checkpoint
+from . import interrupts
 
 COMPONENTS = tuple(registry.COMPONENTS)
 DTYPES = {"bf16": "bfloat16", "f32": "float32"}
@@ -264,7 +266,7 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)  # contents only: a read-only source does not make a read-only output
 
 
-def write_component(job: Job, out: Path, progress: bool) -> dict:
+def write_component(job: Job, out: Path, progress: bool, between: Callable[[], None] = lambda: None) -> dict:
     folder = out / job.component
     folder.mkdir(parents=True)
     _copy(job.config_path, folder / "config.json")
@@ -276,7 +278,13 @@ def write_component(job: Job, out: Path, progress: bool) -> dict:
 
         bar = tqdm(total=layers + 1, desc=job.component, unit="piece", file=sys.stderr, leave=False)
     start = time.perf_counter()
-    nbytes = save_streamed(folder / PARAMS_DIR, job.pieces(), on_piece=(lambda n: bar.update(1)) if bar else None)
+
+    def on_piece(n: int) -> None:
+        if bar is not None:
+            bar.update(1)
+        between()  # a Ctrl-C raises here, between two complete orbax writes
+
+    nbytes = save_streamed(folder / PARAMS_DIR, job.pieces(), on_piece=on_piece)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
@@ -289,6 +297,7 @@ def write_component(job: Job, out: Path, progress: bool) -> dict:
         "stacked_key": job.stacked_key,
         "num_layers": layers,
         "param_bytes": nbytes,
+        "param_files": param_files(folder / PARAMS_DIR),  # sizes: a truncated or missing file is found at load
         "sources": [_file_record(f) for f in job.reader.files],
     }
     if job.component == "text_encoder":
@@ -404,6 +413,9 @@ def _check_destination(dst: Path, overwrite: bool, sources: list[Path]) -> None:
             )
     if not dst.parent.is_dir():
         raise ConvertError(f"the parent folder of --dst ({dst.parent}) does not exist.")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise ConvertError(f"cannot write into {dst.parent} (the parent folder of --dst is read-only for this "
+                           "user); choose a --dst in a folder you can write.")
 
 
 def run(args) -> int:
@@ -440,55 +452,71 @@ def run(args) -> int:
         _log(f"{job.component}: {job.layout.describe()} layout, {len(job.reader)} tensors in "
              f"{len(job.reader.files)} file(s) from {job.source}; config {job.config_path} ({job.config_note})")
 
+    interrupts.clean_leftovers(dst, (".convert-tmp-*", ".convert-old-*"), _log)
     tmp = dst.parent / f".{dst.name}.convert-tmp-{uuid.uuid4().hex[:12]}"
     old = None
-    try:
-        tmp.mkdir()
-        start = time.perf_counter()
-        entries = {job.component: write_component(job, tmp, progress=not args.no_progress) for job in jobs}
-        files = write_support(support, tmp)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": args.src,
-            "source_resolved": None if base is None else str(base.resolve()),
-            "dtype": str(dtype),
-            "keep_mxfp4": bool(args.keep_mxfp4 and "text_encoder" in components),
-            "components": entries,
-            "files": files,
-            "versions": _versions(),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if args.verify:
-            failed = []
-            for job in jobs:
-                diff = verify(job, tmp, dtype)
-                ok = diff == 0.0
-                _log(f"verify {job.component}: max |converted - source| = {diff:.3g} ({'ok' if ok else 'MISMATCH'})")
-                if not ok:
-                    failed.append(job.component)
-            if failed:
-                raise ConvertError(f"--verify: the converted {', '.join(failed)} differ(s) from the source; "
-                                   "nothing was written.")
-        if dst.exists() or dst.is_symlink():  # --overwrite (checked above): swap, then drop the old output
-            old = dst.parent / f".{dst.name}.convert-old-{uuid.uuid4().hex[:12]}"
-            dst.rename(old)
+    with interrupts.deferred_interrupt(f"{PROG}: interrupt: finishing the current write, then removing {tmp.name} "
+                                       "...") as interrupt:
         try:
-            tmp.rename(dst)
+            tmp.mkdir()
+            interrupts.mark_owner(tmp)
+            old = _write_all(args, jobs, support, components, base, dtype, dst, tmp, interrupt.check)
         except BaseException:
-            if old is not None:
-                old.rename(dst)
-                old = None
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _log(f"wrote {dst} ({', '.join(components)}; {dtype})")
     return 0
+
+
+def _write_all(args, jobs, support, components, base, dtype, dst: Path, tmp: Path, check: Callable[[], None]):
+    """Write everything into `tmp`, then swap it in as `dst`; returns the replaced old output (or None)."""
+    old = None
+    start = time.perf_counter()
+    entries = {job.component: write_component(job, tmp, progress=not args.no_progress, between=check)
+               for job in jobs}
+    check()
+    files = write_support(support, tmp)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": args.src,
+        "source_resolved": None if base is None else str(base.resolve()),
+        "dtype": str(dtype),
+        "keep_mxfp4": bool(args.keep_mxfp4 and "text_encoder" in components),
+        "components": entries,
+        "files": files,
+        "versions": _versions(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if args.verify:
+        failed = []
+        for job in jobs:
+            check()
+            diff = verify(job, tmp, dtype)
+            ok = diff == 0.0
+            _log(f"verify {job.component}: max |converted - source| = {diff:.3g} ({'ok' if ok else 'MISMATCH'})")
+            if not ok:
+                failed.append(job.component)
+        if failed:
+            raise ConvertError(f"--verify: the converted {', '.join(failed)} differ(s) from the source; "
+                               "nothing was written.")
+    check()
+    interrupts.unmark_owner(tmp)
+    if dst.exists() or dst.is_symlink():  # --overwrite (checked above): swap, then drop the old output
+        old = dst.parent / f".{dst.name}.convert-old-{uuid.uuid4().hex[:12]}"
+        dst.rename(old)
+    try:
+        tmp.rename(dst)
+    except BaseException:
+        if old is not None:
+            old.rename(dst)
+            old = None
+        raise
+    return old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written to {args.dst}.", file=sys.stderr)
+        print(f"{PROG}: interrupted; nothing was written to {args.dst} and the temporary folder was removed.",
+              file=sys.stderr)
         return 130
     except (ConvertError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)

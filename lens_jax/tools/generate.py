@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse  # noqa: F401
+import dataclasses
 import json
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from lens_jax.errors import InputError
+from lens_jax.pipelines import validation
+
 from . import bulk
-from .runtime import enable_compilation_cache
+from .runtime import enable_compilation_cache, quiet_third_party
 
 TINY_RANDOM = "tiny-random"
+NO_MODEL = (
+    "no --model given: pass a Lens checkpoint folder (diffusers layout or a `lens-jax convert` output) or a hub id "
+    "of a copy (`hf download OWNER/NAME --local-dir DIR`; the microsoft/Lens repos were withdrawn), or "
+    "--model tiny-random to try offline."
+)
 
 
 def add_parser(sub) -> None:
@@ -23,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", action="append", help="the prompt (repeat for several prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
     p.add_argument("--model", default=None,
-                   help=f"checkpoint folder, hub id, or '{TINY_RANDOM}' (default: the variant's hub id)")
+                   help=f"checkpoint folder, hub id, or '{TINY_RANDOM}' (required: there is no public default)")
     p.add_argument("--variant", default="lens", choices=["lens", "lens-base", "lens-turbo"],
                    help="sampling defaults of a published variant (steps, guidance)")
     p.add_argument("--aspect-ratio", default=None, help="e.g. 1:1, 16:9, 9:16, 4:3 ... (default 1:1)")
@@ -32,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (with --height)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the variant's; 1.0 = no CFG)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (jax.random; default: random, recorded in the PNG)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="noise seed in [0, 2**64-1]; image k uses seed + k (default: random; recorded in each PNG)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"], help="default: bf16 on GPU/TPU, f32 on CPU")
     p.add_argument("--quantize", default=None, choices=["int8", "fp8"],
@@ -56,6 +65,8 @@ def add_parser(sub) -> None:
     r.add_argument("--api-key", default=None, help="its key (default: $LENS_REASONER_API_KEY or $OPENAI_API_KEY)")
     r.add_argument("--api-model", default=None, help="the model name the endpoint serves")
     r.add_argument("--api-timeout", type=float, default=None, help="seconds per request (default 120)")
+    p.add_argument("--from-png", metavar="FILE", default=None,
+                   help="regenerate the image FILE was made from its metadata (other flags override)")
 
 
 def _load_pipeline(args):
@@ -68,7 +79,7 @@ def _load_pipeline(args):
                                         quantize=args.quantize)
         pipe.defaults.update({k: load_preset(args.variant)[k] for k in ("num_inference_steps", "guidance_scale")})
         return pipe, TINY_RANDOM
-    model = args.model or load_preset(args.variant)["repo_id"]
+    model = args.model
     return LensPipeline.from_pretrained(model, dtype=args.dtype, variant=args.variant, offload=args.offload,
                                         quantize=args.quantize), model
 
@@ -96,13 +107,15 @@ def _save_png(image, path: Path, metadata: dict) -> None:
     for k, v in metadata.items():
         info.add_text(k, str(v))
     info.add_text("parameters", json.dumps(metadata))
-    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=path.parent)
+    # A hidden name of our own (O_EXCL, so two runs never share it), created with the umask's
+    # permissions (mkstemp would make it 0600), renamed to `path` only when complete.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.part"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -133,19 +146,87 @@ def _check_extras(args) -> tuple[dict, dict]:
     return image_kwargs, options
 
 
+def read_png_settings(path: str | os.PathLike) -> dict:
+    """The generation settings a `lens-jax generate` PNG records (its "parameters" text chunk)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}))
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as e:
+        raise InputError(f"--from-png {path}: not a readable PNG ({type(e).__name__}); pass a PNG that "
+                         "`lens-jax generate` wrote.") from None
+    try:
+        meta = json.loads(text["parameters"])
+        if not isinstance(meta, dict) or "prompt" not in meta:
+            raise ValueError
+    except (KeyError, ValueError):
+        raise InputError(f"--from-png {path}: it has no lens-jax generation metadata; pass a PNG that "
+                         "`lens-jax generate` wrote.") from None
+    return meta
+
+
+def _apply_png(args, meta: dict) -> None:
+    """Fill every flag the user did not give from a PNG's metadata (batch layout included, for bit-exactness)."""
+    sampler = meta.get("sampler", {})
+    filled = {
+        "prompt": [meta["prompt"]], "negative_prompt": meta.get("negative_prompt", ""),
+        "model": meta.get("model"), "variant": meta.get("variant"), "dtype": meta.get("dtype"),
+        "height": meta.get("height"), "width": meta.get("width"),
+        "steps": sampler.get("steps", meta.get("steps")), "guidance": sampler.get("guidance", meta.get("guidance")),
+    }
+    for k, v in filled.items():
+        if getattr(args, k, None) in (None, "", "lens") and v is not None:
+            setattr(args, k, v)
+    if args.seed is None:
+        # Same batch size and row as the original: XLA's summation order depends on the shapes.
+        args.seed = int(meta.get("batch_seed", meta["seed"]))
+        args.num_images = int(meta.get("batch_size", 1))
+        args.only_index = int(meta.get("image_index", 0)) if "batch_seed" in meta else 0
+        args.min_text_length = meta.get("text_tokens")
+
+
+def check_args(args) -> tuple[int, int]:
+    """Every flag of `generate`, before anything is loaded. Returns (height, width)."""
+    from lens_jax.sampling.resolution import resolve_size
+
+    if args.from_png is not None:
+        _apply_png(args, read_png_settings(args.from_png))
+    if not args.prompt:
+        raise InputError("give --prompt TEXT (or --from-png FILE to regenerate an image).")
+    if args.model is None:
+        raise InputError(NO_MODEL)
+    if args.variant not in ("lens", "lens-base", "lens-turbo"):
+        raise InputError(f"--variant {args.variant!r} is unknown; choose lens, lens-base or lens-turbo.")
+    if args.dtype not in (None, "bf16", "f32"):
+        raise InputError(f"--dtype {args.dtype!r} is unknown; choose bf16 or f32.")
+    validation.check_prompts(args.prompt, "--prompt")
+    validation.check_steps(args.steps, "--steps")
+    validation.check_guidance(args.guidance, "--guidance")
+    validation.check_num_images(args.num_images, "--num-images")
+    validation.check_seed(args.seed, len(args.prompt) * args.num_images, "--seed")
+    try:
+        height, width = resolve_size(args.height, args.width, args.base_resolution, args.aspect_ratio)
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    count = len(args.prompt) * (1 if getattr(args, "only_index", None) is not None else args.num_images)
+    validation.check_output_dir(args.out, validation.png_bytes_bound(height, width, count))
+    return height, width
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from lens_jax.sampling.resolution import resolve_size
+    from lens_jax import __version__
 
     if args.prompts:
         return bulk.run_cli(args)
-    if not args.prompt:
-        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE.")
-    # Validate cheap arguments before loading anything.
-    height, width = resolve_size(args.height, args.width, args.base_resolution, args.aspect_ratio)
-    if args.num_images < 1:
-        raise ValueError("--num-images must be at least 1.")
+    quiet_third_party()
+    height, width = check_args(args)  # every flag checked before anything is loaded
+    only = getattr(args, "only_index", None)
+    n_images = len(args.prompt) * args.num_images
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     loras = [parse_lora_arg(s) for s in getattr(args, "lora", [])]
     for path, _ in loras:
@@ -155,43 +236,67 @@ def run(args) -> int:
             raise InputError(f"--lora {path}: no such file; pass a LoRA .safetensors file, optionally FILE:MULT.")
     image_kwargs, reasoner_options = _check_extras(args)
     enable_compilation_cache()
-    pipe, model = _load_pipeline(args)
-    for path, mult in loras:
-        pipe.load_lora(path, mult)
-    if args.reasoner:
-        pipe.configure_reasoner(**reasoner_options)
-    steps = args.steps or pipe.defaults["num_inference_steps"]
-    guidance = pipe.defaults["guidance_scale"] if args.guidance is None else args.guidance
+    done = {"steps": 0}
+    steps = None
+    try:
+        pipe, model = _load_pipeline(args)
+        for path, mult in loras:
+            pipe.load_lora(path, mult)
+        if args.reasoner:
+            pipe.configure_reasoner(**reasoner_options)
+        steps = args.steps or pipe.defaults["num_inference_steps"]
+        guidance = pipe.defaults["guidance_scale"] if args.guidance is None else args.guidance
 
-    bar = tqdm(total=steps, desc="denoising", unit="step")
-    t0 = time.perf_counter()
-    out = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, height=height, width=width, num_inference_steps=steps,
-        guidance_scale=guidance, num_images_per_prompt=args.num_images, seed=seed,
-        callback=lambda step, t, latents: bar.update(1), enable_reasoner=args.reasoner, **image_kwargs,
-    )
-    bar.close()
-    elapsed = time.perf_counter() - t0
+        bar = tqdm(total=steps, desc="denoising", unit="step")
+
+        def progress(step, t, latents):
+            latents.block_until_ready()  # so the bar is honest and Ctrl-C lands at this step boundary
+            done["steps"] = step + 1
+            bar.update(1)
+
+        t0 = time.perf_counter()
+        out = pipe(
+            args.prompt, negative_prompt=args.negative_prompt, height=height, width=width, num_inference_steps=steps,
+            guidance_scale=guidance, num_images_per_prompt=args.num_images, seed=seed, callback=progress,
+            min_text_length=getattr(args, "min_text_length", None), enable_reasoner=args.reasoner, **image_kwargs,
+        )
+        bar.close()
+        elapsed = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        where = f" after step {done['steps']}/{steps}" if steps else " while loading"
+        print(f"lens-jax: interrupted{where}; no image was written.", file=sys.stderr)
+        return 130
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i, image in enumerate(out.images):
-        prompt = args.prompt[i // args.num_images]
-        meta = {
-            "prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "image_index": i,
-            "steps": steps, "guidance": guidance, "model": model, "variant": args.variant,
-            "height": height, "width": width, "software": "lens-jax",
-        }
-        if loras:
-            meta["loras"] = [{"file": f, "multiplier": m} for f, m in loras]
-        if args.reasoner:
-            meta["reasoner_prompt"] = out.prompts[i // args.num_images]
-        if args.image:
-            meta.update(image=str(args.image), strength=image_kwargs["strength"])
-            if args.mask:
-                meta["mask"] = str(args.mask)
-        path = out_dir / f"lens-{stamp}-seed{seed}-{i}.png"
-        _save_png(image, path, meta)
-        print(path)
-    print(f"{len(out.images)} image(s) in {elapsed:.1f} s", file=sys.stderr)
+    written = 0
+    try:
+        for i, image in enumerate(out.images):
+            if only is not None and i != only:
+                continue
+            prompt = args.prompt[i // args.num_images]
+            meta = {
+                "prompt": prompt, "negative_prompt": args.negative_prompt, "seed": out.seeds[i], "image_index": i,
+                "batch_seed": seed, "batch_size": n_images, "text_tokens": int(out.text_mask.shape[1]),
+                "steps": steps, "guidance": guidance, "model": model, "variant": args.variant,
+                "height": height, "width": width, "software": "lens-jax", "lens_jax_version": __version__,
+                "dtype": "f32" if str(pipe.dtype) == "float32" else "bf16",
+                "sampler": {"name": "flow-matching Euler", "steps": steps, "guidance": guidance,
+                            "scheduler": dataclasses.asdict(pipe.scheduler_config)},
+                "lora": [{"file": f, "multiplier": m} for f, m in loras] or None,
+            }
+            if args.reasoner:
+                meta["reasoner_prompt"] = out.prompts[i // args.num_images]
+            if args.image:
+                meta.update(image=str(args.image), strength=image_kwargs["strength"])
+                if args.mask:
+                    meta["mask"] = str(args.mask)
+            path = out_dir / f"lens-{stamp}-seed{out.seeds[i]}-{i}.png"
+            _save_png(image, path, meta)
+            written += 1
+            print(path, flush=True)
+    except KeyboardInterrupt:
+        print(f"lens-jax: interrupted while writing; {written} of {len(out.images)} image(s) kept.", file=sys.stderr)
+        return 130
+    print(f"{written} image(s) in {elapsed:.1f} s", file=sys.stderr)
     return 0

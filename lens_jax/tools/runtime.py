@@ -20,3 +20,10 @@ def enable_compilation_cache(setting=None) -> str | None:
     from ..parallel.compile_cache import enable_compilation_cache as enable
 
     return enable(setting)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party messages a lens-jax user cannot act on (a user's own settings win):
+    transformers' advisory banners (e.g. "PyTorch was not found": only its tokenizer is used)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

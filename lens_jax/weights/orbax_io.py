@@ -57,6 +57,7 @@ __all__ = [
     "read_manifest",
     "check_components",
     "load_component",
+    "check_component",
 ]
 
 FORMAT = "lens-jax-orbax"
@@ -145,9 +146,25 @@ def _stored_shapes(path: Path) -> dict[tuple[str, ...], tuple[tuple[int, ...], n
     try:
         meta = ocp.metadata(path).metadata
     except Exception as e:  # orbax raises a variety of errors for a damaged or missing checkpoint
-        raise ConvertedCheckpointError(f"{path} is not a readable orbax checkpoint ({type(e).__name__}: {e}).") from None
+        raise ConvertedCheckpointError(f"{path} is not a readable orbax checkpoint ({_first_line(e)}); "
+                                       f"{_REDO}") from None
     flat = traverse_util.flatten_dict(meta)
     return {tuple(str(k) for k in key): (tuple(v.shape), np.dtype(v.dtype)) for key, v in flat.items()}
+
+
+_REDO = ("convert it again (`lens-jax convert --src SOURCE --dst ROOT --overwrite --verify`; --verify checks "
+         "the new output against its source).")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0].split(" See full TensorStore details")[0] if text else ""
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def _damaged(what: str, path: Path, e: BaseException) -> ConvertedCheckpointError:
+    return ConvertedCheckpointError(f"{what} at {path} is damaged (missing or truncated files: {_first_line(e)}); "
+                                    f"{_REDO}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,6 +201,7 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
+    check_files(path, what)
     stored = _stored_shapes(path)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     sharding_leaves = treedef.flatten_up_to(shardings)
@@ -208,10 +226,9 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
                 problems.append(f"{'/'.join(key)}: expected {list(shape)}, found {'nothing' if got is None else list(got[0])}")
             rest.append((n, key, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)))
     if problems:
-        shown = "\n    ".join(problems[:20]) + (f"\n    ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise ConvertedCheckpointError(
-            f"{what} at {path} does not match its config.json ({len(problems)} problems):\n    {shown}\n"
-            "Re-run the conversion (`python -m convert ...`)."
+            f"{what} at {path} does not match its config.json ({len(problems)} problems, first: {problems[0]}); "
+            f"{_REDO}"
         )
 
     ctx = ocp.Context()
@@ -220,7 +237,7 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
     with ctx:
         if rest:
             tree = traverse_util.unflatten_dict({key: sds for _, key, sds in rest})
-            got = traverse_util.flatten_dict(ocp.load(path, tree))
+            got = traverse_util.flatten_dict(_load(ocp, path, tree, what))
             for n, key, _ in rest:
                 out[n] = got[key]
         for n, inner, leaf, sharding in stacked:
@@ -228,12 +245,36 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
             per_layer = jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype,
                                              sharding=_layer_sharding(sharding, len(leaf.shape)))
             tree = traverse_util.unflatten_dict({(stacked_key, str(i), *inner): per_layer for i in range(layers)})
-            got = traverse_util.flatten_dict(ocp.load(path, tree))
+            got = traverse_util.flatten_dict(_load(ocp, path, tree, what))
             pieces = [got[(stacked_key, str(i), *inner)] for i in range(layers)]
             del got
             out[n] = _stacker(sharding)(*pieces)
             del pieces
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _load(ocp, path: Path, tree, what: str):
+    try:
+        return ocp.load(path, tree)
+    except Exception as e:  # TensorStore/orbax errors of missing or truncated files: one line instead
+        raise _damaged(what, path, e) from None
+
+
+def param_files(path: Path) -> dict[str, int]:
+    """{relative path: bytes} of every file of an orbax checkpoint folder (recorded in the manifest)."""
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def check_files(path: Path, what: str, expected: Mapping[str, int] | None = None) -> None:
+    """The checkpoint folder exists and, when the manifest recorded them, every file has its size."""
+    if not path.is_dir():
+        raise ConvertedCheckpointError(f"{what}: {path} is missing; {_REDO}")
+    for rel, size in (expected or {}).items():
+        f = path / rel
+        got = f.stat().st_size if f.is_file() else None
+        if got != size:
+            state = "missing" if got is None else f"{got} bytes instead of {size} (truncated or altered)"
+            raise ConvertedCheckpointError(f"{what} at {path} is damaged: {rel} is {state}; {_REDO}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +390,41 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
         shardings = parallel.replicated_shardings(abstract, mesh)
     if layers_on_host and shardings is not None and spec.stacked_key:
         shardings = offload.on_host(shardings, spec.stacked_key)
+    check_files(root / component / PARAMS_DIR, f"converted {component}",
+                manifest["components"][component].get("param_files"))
     params = load_params(root / component / PARAMS_DIR, abstract, shardings, stacked_key=spec.stacked_key,
                          what=f"converted {component}")
     return config, params
+
+
+def check_component(root: str | Path, component: str, dtype, *, keep_mxfp4: bool | None = None,
+                    num_layers: int | None = None) -> None:
+    """Check one converted component without reading its parameters: manifest entry, config, the
+    orbax metadata and every stored leaf's shape against the config (what `load_component` needs)."""
+    spec = registry.component(component)
+    root = Path(root)
+    manifest = read_manifest(root)
+    _component_entry(root, manifest, component)
+    config = spec.config_from_json(root / component / "config.json")
+    options = {}
+    if component == "text_encoder":
+        options = {"packed": text_encoder_packed(root, manifest, keep_mxfp4), "num_layers": num_layers}
+    abstract = spec.abstract_params(config, dtype, **options)
+    path = root / component / PARAMS_DIR
+    what = f"converted {component}"
+    check_files(path, what, manifest["components"][component].get("param_files"))
+    stored = _stored_shapes(path)
+    problems = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        key, shape = _path_tuple(kp), tuple(leaf.shape)
+        if spec.stacked_key is not None and key[0] == spec.stacked_key:
+            wanted = [((spec.stacked_key, str(i), *key[1:]), shape[1:]) for i in range(shape[0])]
+        else:
+            wanted = [(key, shape)]
+        for k, s in wanted:
+            got = stored.get(k)
+            if got is None or got[0] != s:
+                problems.append(f"{'/'.join(k)}: expected {list(s)}, found {'nothing' if got is None else list(got[0])}")
+    if problems:
+        raise ConvertedCheckpointError(f"{what} at {path} does not match its config.json ({len(problems)} problems, "
+                                       f"first: {problems[0]}); {_REDO}")

@@ -29,7 +29,7 @@ from ..models.gpt_oss_decode import CausalLM
 from ..models.dtypes import resolve_dtype
 from ..models.text_encoder import DEFAULT_SELECTED_LAYERS, TextEncoderConfig, check_selected_layers, init_params
 
-from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, unflatten
+from .mapping import COPY, LINEAR, Rule, Transform, check_state_dict, convert_state_dict, expected_shapes, unflatten
 from .safetensors_io import SafetensorsReader, open_checkpoint
 
 __all__ = [
@@ -166,6 +166,30 @@ def convert_text_encoder_weights(reader: SafetensorsReader, config, dtype=np.flo
         ignore=ignore, what=f"GPT-OSS text encoder checkpoint ({layout} experts)", progress=progress,
     )
     return unflatten(flat)
+
+
+def check_text_encoder(path: str | os.PathLike, dtype=np.float32, keep_mxfp4: bool | None = None,
+                       num_layers: int | None = None) -> None:
+    """Check a GPT-OSS folder without reading any tensor: config, every safetensors header and file
+    size, and every needed key's shape (what `convert_text_encoder` would fail on, found up front)."""
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"no config.json in {folder}: pass an HF GPT-OSS folder (config.json + "
+                              "model*.safetensors), e.g. a Lens checkpoint's text_encoder/.")
+    config = TextEncoderConfig.from_json(folder / "config.json")
+    reader = open_checkpoint(folder)
+    layout = source_layout(reader)
+    packed = (layout == "mxfp4") if keep_mxfp4 is None else bool(keep_mxfp4)
+    n = config.num_hidden_layers if num_layers is None else int(num_layers)
+    ignore = list(IGNORED)
+    later = _later_layers_pattern(n, config.num_hidden_layers)
+    if later:
+        ignore.append(later)
+    check_state_dict(reader, text_encoder_rules(config.attention_bias, layout, packed),
+                     text_encoder_expected_shapes(config.truncated(n), dtype, packed), ignore=ignore,
+                     what=f"GPT-OSS text encoder checkpoint ({layout} experts)")
 
 
 def convert_text_encoder(path: str | os.PathLike, dtype=np.float32, keep_mxfp4: bool | None = None,
