@@ -15,6 +15,7 @@ from .runtime import default_xla_flags
 # subcommand -> module under lens_jax.tools
 SUBCOMMANDS = {
     "generate": "generate",
+    "train": "train",
 }
 # subcommand -> (module, help): modules with their own argparse parser and `main(argv)`
 FORWARDED = {
