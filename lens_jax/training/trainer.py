@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,10 +30,11 @@ from jax.sharding import Mesh
 from .. import parallel
 from ..errors import InputError
 from ..models import transformer as dit
-from .config import OptimConfig, TrainConfig
+from .config import LoraConfig, ModelConfig, OptimConfig, TimestepConfig, TrainConfig
 from .objective import TimestepSampler, flow_matching_loss, sample_sigmas
 
-__all__ = ["Trainer", "make_optimizer", "learning_rate_schedule", "make_train_step", "step_flops"]
+__all__ = ["Trainer", "StepSpec", "make_optimizer", "learning_rate_schedule", "make_train_step", "train_step",
+           "step_flops"]
 
 Params = dict[str, Any]
 
@@ -81,13 +83,32 @@ def _lora_lib():
     return lora
 
 
-def make_train_step(cfg: TrainConfig, dit_config: dit.TransformerConfig, optimizer, sharding=None,
-                    attention_impl: str | None = None) -> Callable:
+@dataclass(frozen=True)
+class StepSpec:
+    """Everything static about the train step (hashable: equal specs share one compiled program)."""
+
+    dit_config: dit.TransformerConfig
+    model: ModelConfig
+    optim: OptimConfig
+    lora: LoraConfig
+    timesteps: TimestepConfig
+    total_steps: int
+    sharding: Any = None  # BoundRules for activation constraints, or None
+    state_shardings: Any = None  # (treedef, tuple of NamedSharding): the state's declared layout
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, dit_config: dit.TransformerConfig, sharding=None, state_shardings=None):
+        return cls(dit_config, cfg.model, cfg.optim, cfg.lora, cfg.timesteps, cfg.train.steps, sharding,
+                   state_shardings)
+
+
+def make_train_step(spec: StepSpec) -> Callable:
     """(state, base_params, batch, grid) -> (state, metrics): one micro-step, pure (jit it; grid (h, w) static)."""
-    sampler = TimestepSampler(cfg.timesteps.kind, cfg.timesteps.mean, cfg.timesteps.std, cfg.timesteps.shift,
-                              cfg.timesteps.shift_steps)
-    compute_dtype = jnp.dtype(cfg.model.compute_dtype)
-    lora_mode, multiplier, ema_decay = cfg.lora.enabled, cfg.lora.multiplier, cfg.optim.ema_decay
+    optimizer = make_optimizer(spec.optim, spec.total_steps)
+    t = spec.timesteps
+    sampler = TimestepSampler(t.kind, t.mean, t.std, t.shift, t.shift_steps)
+    compute_dtype = jnp.dtype(spec.model.compute_dtype)
+    lora_mode, multiplier, ema_decay = spec.lora.enabled, spec.lora.multiplier, spec.optim.ema_decay
 
     def step(state, base, batch, grid):
         x0, mask, feats = batch["latents"], batch["mask"], batch["features"]
@@ -100,9 +121,10 @@ def make_train_step(cfg: TrainConfig, dit_config: dit.TransformerConfig, optimiz
 
         def loss_fn(trainable):
             params, lora = (base, trainable) if lora_mode else (trainable, None)
-            loss, _ = flow_matching_loss(params, dit_config, x0, noise, sigma, feats, mask, [(1, h, w)], lora,
-                                         multiplier, compute_dtype=compute_dtype, attention_impl=attention_impl,
-                                         sharding=sharding, remat=cfg.model.remat)
+            loss, _ = flow_matching_loss(params, spec.dit_config, x0, noise, sigma, feats, mask, [(1, h, w)], lora,
+                                         multiplier, compute_dtype=compute_dtype,
+                                         attention_impl=spec.model.attention_impl, sharding=spec.sharding,
+                                         remat=spec.model.remat)
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -111,10 +133,19 @@ def make_train_step(cfg: TrainConfig, dit_config: dit.TransformerConfig, optimiz
         new = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
         if ema_decay is not None:
             new["ema"] = jax.tree.map(lambda e, p: e * ema_decay + (1 - ema_decay) * p, state["ema"], params)
+        if spec.state_shardings is not None:
+            treedef, leaves = spec.state_shardings
+            new = jax.lax.with_sharding_constraint(new, jax.tree.unflatten(treedef, leaves))
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "sigma_mean": jnp.mean(sigma)}
         return new, metrics
 
     return step
+
+
+@partial(jax.jit, donate_argnums=(0,), static_argnames=("grid", "spec"))
+def train_step(state: dict, base: Params, batch: dict, grid: tuple[int, int], spec: StepSpec):
+    """The compiled train step: one program per (spec, grid, shapes), shared by every Trainer."""
+    return make_train_step(spec)(state, base, batch, grid)
 
 
 def step_flops(config: dit.TransformerConfig, batch: int, image_tokens: int, text_tokens: int,
@@ -188,8 +219,9 @@ class Trainer:
             trainable = parallel.put_tree(params32, base_shardings)
         self.state = self._init_state(trainable)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        step = make_train_step(cfg, dit_config, self.optimizer, self.bound, cfg.model.attention_impl)
-        self._step = jax.jit(step, donate_argnums=(0,), static_argnums=(3,))
+        leaves, treedef = jax.tree.flatten(self.state_shardings)
+        self.spec = StepSpec.from_config(cfg, dit_config, self.bound if self.mesh.size > 1 else None,
+                                         (treedef, tuple(leaves)))
         self._manager = None
 
     # ------------------------------------------------------------------ state
@@ -217,8 +249,8 @@ class Trainer:
 
     def _jit_step(self, state, dev_batch):
         base = self.base if self.base is not None else {}
-        grid = dev_batch["grid"]
-        return self._step(state, base, {k: v for k, v in dev_batch.items() if k != "grid"}, grid)
+        batch = {k: v for k, v in dev_batch.items() if k != "grid"}
+        return train_step(state, base, batch, grid=dev_batch["grid"], spec=self.spec)
 
     def device_batch(self, batch: dict) -> dict:
         """Host batch -> global arrays split over (data, fsdp); each host contributes its rows."""
