@@ -70,6 +70,20 @@ def test_golden_loss_pred_and_every_gradient(golden, tiny_dit):
     _check_grads(lens_transformer.to_torch_state_dict(grads, tiny_dit.config), g, meta, "grad.", "grad.*")
 
 
+
+def test_golden_lora_loss_pred_and_gradients(golden, tiny_dit):
+    import lens_jax.lora as lens_lora
+
+    g, meta = golden
+    adapter = lens_lora.load(FIXTURES / "loras" / "lora_peft.safetensors")
+    (loss, pred), grads = jax.value_and_grad(
+        lambda a: flow_matching_loss(tiny_dit.params, tiny_dit.config, *_inputs(g), lora=a, lora_multiplier=1.0),
+        has_aux=True)(adapter)
+    assert abs(float(loss) - float(g["loss_lora"])) <= FLOOR_MULTIPLE * _floor(meta, "loss_lora")
+    assert np.abs(np.asarray(pred) - g["pred_lora"]).max() <= FLOOR_MULTIPLE * _floor(meta, "pred_lora")
+    ours = {k[len("transformer."):]: v for k, v in lens_lora.state_dict(grads, format="peft", gradient=True).items()}
+    _check_grads(ours, g, meta, "lora_grad.", "lora_grad.*")
+
 # ----------------------------------------------------------------------------- data, cache, config errors
 
 import os  # noqa: E402

@@ -380,9 +380,9 @@ def apply(
     attention_impl: str | None = None,
     sharding: Constrain | None = None,
     stream: LayerStream | None = None,
-    remat: str | None = None,
     lora: dict | None = None,
     lora_multiplier=1.0,
+    remat: str | None = None,
 ) -> jax.Array:
     """DiT forward: velocity [B, h*w, patch^2 * out_channels] for image tokens [B, h*w, in_channels].
 

@@ -65,20 +65,18 @@ def flow_matching_loss(
     x0, noise: packed normalised latents [B, h*w, in_channels]; sigma: [B] in [0, 1];
     encoder_hidden_states: one [B, S, enc_hidden_dim] array per selected text layer;
     encoder_hidden_states_mask: [B, S] (True = valid token); img_shapes: [(1, h, w)].
-    `lora`: an adapter pytree (lens_jax.models.lora) merged into `params` at `lora_multiplier`
-    (differentiable in both). Keyword-only extras are for training: compute dtype, attention
+    `lora`: an adapter pytree (lens_jax.models.lora) applied unmerged at `lora_multiplier` inside
+    the DiT's scan (differentiable in both). Keyword-only extras are for training: compute dtype, attention
     implementation, activation sharding rules, the remat policy, and optional per-sample loss
     weights [B] (a weighted mean over samples; a zero weight drops a padding sample).
     """
     h, w = _img_shape(img_shapes, x0.shape[1])
-    if lora is not None:
-        from ..models import lora as lora_lib  # the LoRA module is optional until it lands
-
-        params = lora_lib.merge(params, lora, lora_multiplier)
     x_t, target = flow_matching_terms(x0, noise, sigma)
     feats = [jnp.asarray(f) for f in encoder_hidden_states]
     pred = dit.apply(params, config, x_t, feats, jnp.asarray(encoder_hidden_states_mask).astype(bool),
-                     jnp.asarray(sigma, jnp.float32), (h, w), compute_dtype, attention_impl, sharding, remat)
+                     jnp.asarray(sigma, jnp.float32), (h, w), compute_dtype=compute_dtype,
+                     attention_impl=attention_impl, sharding=sharding, lora=lora, lora_multiplier=lora_multiplier,
+                     remat=remat)
     err = jnp.square(pred.astype(jnp.float32) - target)
     if weights is None:
         return jnp.mean(err), pred

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from .. import parallel
 from ..errors import InputError
+from ..models import lora as lora_lib
 from ..models import transformer as dit
 from .config import LoraConfig, ModelConfig, OptimConfig, TimestepConfig, TrainConfig
 from .objective import TimestepSampler, flow_matching_loss, sample_sigmas
@@ -73,14 +74,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     if cfg.grad_accum_steps > 1:
         return optax.MultiSteps(chain, every_k_schedule=cfg.grad_accum_steps)
     return chain
-
-
-def _lora_lib():
-    try:
-        from ..models import lora
-    except ImportError as e:  # pragma: no cover - until the LoRA module lands
-        raise InputError("LoRA training needs lens_jax.models.lora, which this install lacks.") from e
-    return lora
 
 
 @dataclass(frozen=True)
@@ -211,8 +204,7 @@ class Trainer:
         params32 = jax.tree.map(lambda x: np.asarray(x, np.float32), base_params)
         self.base = parallel.put_tree(params32, base_shardings) if cfg.lora.enabled else None
         if cfg.lora.enabled:
-            lora = _lora_lib()
-            trainable = lora.init_adapter(params32, dit_config, jax.random.key(cfg.train.seed + 1),
+            trainable = lora_lib.init_adapter(params32, dit_config, jax.random.key(cfg.train.seed + 1),
                                           targets=cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha)
             trainable = jax.tree.map(lambda x: parallel.put(np.asarray(x), parallel.replicated(self.mesh)), trainable)
         else:
