@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -98,7 +100,9 @@ def main() -> None:
               "mode": f"lora r{args.rank}" if args.lora else "full", "dtype": dtype, "remat": remat,
               "first_step_s": round(compile_s, 2), "step_s": round(step_s, 5), "flops_per_step": flops,
               "tflops": round(tflops, 4), "mfu": round(tflops / peak, 4) if peak else None,
-              "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 3) if stats else None,
+              "peak_memory_gib": round(stats["peak_bytes_in_use"] / 2**30, 3) if "peak_bytes_in_use" in stats else None,
+              "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+              "load_average_1min": round(os.getloadavg()[0], 1),
               "loss": float(m["loss"])}
     print(json.dumps(result))
     if args.json:
