@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lens_jax import configs, parallel  # noqa: E402
+from lens_jax import configs  # noqa: E402
 from lens_jax.models import transformer as dit  # noqa: E402
 from lens_jax.training.config import config_from_dict  # noqa: E402
 from lens_jax.training.trainer import Trainer, step_flops  # noqa: E402

@@ -207,7 +207,6 @@ def test_cache_is_resumable_after_a_crash(tmp_path):
 
 # ----------------------------------------------------------------------------- trainer
 
-from lens_jax.models import transformer as dit_model  # noqa: E402
 from lens_jax.training.trainer import Trainer  # noqa: E402
 
 from . import train_check  # noqa: E402
