@@ -351,7 +351,27 @@ def default_attention_impl(dtype) -> str | None:
     return None
 
 
-@partial(jax.jit, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl", "sharding", "stream"))
+# Rematerialisation policies for the scanned block (training): name -> jax.checkpoint policy.
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots": "dots_with_no_batch_dims_saveable",  # keep matmul outputs, recompute the elementwise ops
+    "nothing_saveable": "nothing_saveable",
+    "everything_saveable": "everything_saveable",
+}
+
+
+def _remat(fn, remat: str | None):
+    if remat is None:
+        return fn
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
+    name = REMAT_POLICIES[remat]
+    policy = None if name is None else getattr(jax.checkpoint_policies, name)
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+@partial(jax.jit, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl", "sharding", "stream",
+                                   "remat"))
 def apply(
     params: Params,
     config: TransformerConfig,
@@ -366,6 +386,7 @@ def apply(
     stream: LayerStream | None = None,
     lora: dict | None = None,
     lora_multiplier=1.0,
+    remat: str | None = None,
 ) -> jax.Array:
     """DiT forward: velocity [B, h*w, patch^2 * out_channels] for image tokens [B, h*w, in_channels].
 
@@ -375,6 +396,7 @@ def apply(
     dtype; `attention_impl` picks lens_jax.models.attention's kernel (None: the backend default).
     `sharding` constrains activations (lens_jax.parallel.BoundRules); `stream` brings the stacked
     blocks from host memory one layer ahead (lens_jax.parallel.offload).
+    `remat` (training) wraps the scanned block in `jax.checkpoint` with a policy of REMAT_POLICIES.
     `lora`: an adapter (`lens_jax.models.lora`) applied unmerged at `lora_multiplier`: each block's
     kernels are merged inside the scan body, one layer at a time (differentiable in the adapter).
     """
@@ -398,7 +420,7 @@ def apply(
         p = lora_lib.merge_factors(*xs)
         return block(p, config, *carry, temb_act, rope, key_mask, key_lengths, attention_impl, sharding), None
 
-    (img, _), _ = scan_layers(step, (img, txt), (params["transformer_blocks"], block_lora), stream)
+    (img, _), _ = scan_layers(_remat(step, remat), (img, txt), (params["transformer_blocks"], block_lora), stream)
 
     scale, shift = jnp.split(dense(temb_act, params["norm_out"]["linear"]), 2, axis=-1)  # (scale, shift) order
     img = layer_norm(img, NORM_OUT_EPS) * (1 + scale[:, None]) + shift[:, None]

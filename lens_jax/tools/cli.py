@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "generate": "generate",
     "parity": "parity.cli",
     "serve": "serve",
+    "train": "train",
 }
 # subcommand -> (module, help): modules with their own argparse parser and `main(argv)`
 FORWARDED = {
