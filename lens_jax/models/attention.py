@@ -341,7 +341,10 @@ def _splash(q, k, v, key_mask, sinks, *, causal: bool, window: int | None, scale
         base = sm.FullMask((tp, sp))
     mask = sm.MultiHeadMask([base] * h)
     bq, bkv = _splash_block(tp), _splash_block(sp)
-    blocks = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv)
+    # Backward block sizes too: the kernel is then differentiable (LoRA / full fine-tuning on TPU, and
+    # gradients of programs whose CPU lowering still traces this branch under platform_dependent).
+    blocks = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     kernel = sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
     kv_seg = jnp.where(_pad_to(key_mask, 1, sp, False), 0, 1).astype(jnp.int32)
