@@ -64,7 +64,7 @@ def check_guidance(guidance: Any, name: str = "guidance_scale") -> float | None:
 
 def check_num_images(n: Any, name: str = "num_images_per_prompt") -> int:
     if not _is_int(n) or n < 1:
-        raise InputError(f"{name} must be an integer >= 1; got {n!r}.")
+        raise InputError(f"{name} must be >= 1 (an integer); got {n!r}.")
     return int(n)
 
 
