@@ -515,20 +515,6 @@ class LensPipeline:
         return image_noise(int(seed), shape)
 
 
-def seed_key(seed: int) -> jax.Array:
-    """The threefry key of a seed in [0, 2**64 - 1]: all 64 bits count (jax.random.key keeps only
-    the low 32 without x64); equal to `jax.random.key(seed)` for seeds below 2**32."""
-    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
-
-
-def image_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """Initial noise [B, h*w, C]: row k from `seed + k` alone, so an image's noise does not depend
-    on the batch it is drawn in."""
-    b, n, c = shape
-    keys = jax.random.wrap_key_data(np.array([[(seed + k) >> 32, (seed + k) & 0xFFFFFFFF] for k in range(b)],
-                                             np.uint32).reshape(b, 2))
-    return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (n, c), jnp.float32))(keys))
-
     # ------------------------------------------------------------------ image-to-image, reasoner
 
     def _check_image_inputs(self, image, strength, mask_image):
@@ -594,6 +580,21 @@ def image_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
         self.reasoner_options = {k: v for k, v in given.items() if v is not None}
         if api_url or api_model:  # validate the HTTP settings now, not after loading a model
             reasoner_lib.make_reasoner(lambda: None, None, **self.reasoner_options)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The threefry key of a seed in [0, 2**64 - 1]: all 64 bits count (jax.random.key keeps only
+    the low 32 without x64); equal to `jax.random.key(seed)` for seeds below 2**32."""
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
+
+
+def image_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """Initial noise [B, h*w, C]: row k from `seed + k` alone, so an image's noise does not depend
+    on the batch it is drawn in."""
+    b, n, c = shape
+    keys = jax.random.wrap_key_data(np.array([[(seed + k) >> 32, (seed + k) & 0xFFFFFFFF] for k in range(b)],
+                                             np.uint32).reshape(b, 2))
+    return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (n, c), jnp.float32))(keys))
 
 
 def _nbytes(tree) -> int:
