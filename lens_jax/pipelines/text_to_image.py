@@ -605,18 +605,3 @@ def _to_pil(images: np.ndarray) -> list:
     from PIL import Image
 
     return [Image.fromarray(np.round(im * 255.0).clip(0, 255).astype(np.uint8)) for im in images]
-
-
-def seed_key(seed: int) -> jax.Array:
-    """The threefry key of a seed in [0, 2**64 - 1]: all 64 bits count (jax.random.key keeps only
-    the low 32 without x64); equal to `jax.random.key(seed)` for seeds below 2**32."""
-    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
-
-
-def image_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """Initial noise [B, h*w, C]: row k from `seed + k` alone, so an image's noise does not depend
-    on the batch it is drawn in."""
-    b, n, c = shape
-    keys = jax.random.wrap_key_data(np.array([[(seed + k) >> 32, (seed + k) & 0xFFFFFFFF] for k in range(b)],
-                                             np.uint32).reshape(b, 2))
-    return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (n, c), jnp.float32))(keys))
