@@ -41,11 +41,11 @@ def test_sampler_programs_have_no_host_callbacks_with_progress(monkeypatch):
     real_run = sampler_lib.run
 
     def spy(programs, spec, dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance, start,
-            callback=None):
+            callback=None, **kwargs):
         seen.update(programs=programs, args=(dit_params, vae_params, latents, features, mask, sigmas, timesteps,
                                              guidance, start))
         return real_run(programs, spec, dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance,
-                        start, callback=callback)
+                        start, callback=callback, **kwargs)
 
     monkeypatch.setattr(sampler_lib, "run", spy)
     steps = []
