@@ -95,20 +95,9 @@ def test_generate_out_is_a_file(tmp_path, capsys, no_loading):
     assert rc == 2 and "cannot be created" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_generate_out_read_only(tmp_path, capsys, no_loading):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        rc = main(["generate", "--model", "tiny-random", "--prompt", "x", "--out", str(ro / "imgs")])
-    finally:
-        ro.chmod(0o700)
-    assert rc == 2 and "not writable" in capsys.readouterr().err and not list(ro.iterdir())
-
-
 def test_generate_out_read_only_check_uses_access(tmp_path, monkeypatch, capsys, no_loading):
-    """The read-only answer, also where the tests run as root (os.access says no)."""
+    """A read-only --out parent: the check asks os.access, so it holds for root too (CI runs as root,
+    where a chmod-based test could not fail)."""
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
     rc = main(["generate", "--model", "tiny-random", "--prompt", "x", "--out", str(tmp_path / "imgs")])
