@@ -231,3 +231,30 @@ def test_text_encoder_released_after_encoding_and_reloaded():
     assert pipe._text_encoder is None  # dropped from the device after encoding
     second = pipe("A cat.", seed=1, output_type="latent", height=32, width=32, num_inference_steps=1).images
     np.testing.assert_array_equal(first, second)
+
+
+# Goldens README floors (fp32 vs fp64, max abs) of the per-step DiT outputs.
+STEP_FLOOR = {
+    "noise_cond": (9.83e-6, 1.18e-5, 1.45e-5, 1.07e-5),
+    "noise_uncond": (9.20e-6, 1.19e-5, 1.09e-5, 1.10e-5),
+    "noise_pred": (1.80e-5, 2.04e-5, 2.36e-5, 1.93e-5),
+}
+
+
+@pytest.mark.parametrize("step", range(4))
+def test_every_step_dit_halves_and_guided_prediction_match_golden(pipe, io, step):
+    """Each step alone, from the golden's own input latents: the conditional and unconditional DiT
+    outputs and the rescaled guidance, each within 5x its fp32-vs-fp64 floor."""
+    from lens_jax.models import transformer as dit
+
+    x = io["latents_init"] if step == 0 else io[f"step{step - 1}_latents"]
+    feats = [jnp.asarray(io[f"dit_text_features_layer{i}"]) for i in range(4)]
+    t = jnp.asarray(io[f"step{step}_timestep"])
+    v = dit.apply(pipe.dit_params, pipe.dit_config, jnp.asarray(np.concatenate([x, x])), feats,
+                  jnp.asarray(io["dit_text_mask"]), t, (4, 5))
+    cond, uncond = np.asarray(v[:1]), np.asarray(v[1:])
+    for name, got in (("noise_cond", cond), ("noise_uncond", uncond),
+                      ("noise_pred", np.asarray(sampler_lib.guided_velocity(cond, uncond, jnp.float32(4.0))))):
+        bound = FLOOR_MULTIPLE * STEP_FLOOR[name][step]
+        err = float(np.abs(got - io[f"step{step}_{name}"]).max())
+        assert err <= bound, f"step {step} {name}: max abs {err:.3g} > {bound:.3g}"

@@ -12,7 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lens_jax.transformer as T
-from lens_jax.models.nn import dense
+from lens_jax.models.nn import dense, layer_norm
+from lens_jax.models.transformer import NORM_OUT_EPS
 from lens_jax.errors import CheckpointError
 from lens_jax.tools.parity.metrics import F32_TOLERANCE, assert_close
 
@@ -76,6 +77,10 @@ def test_submodules_match_golden(tr, io):
         img, txt = T.block(bp, c, img, txt, jax.nn.silu(temb), rope, key_mask, lengths)
         assert_close(img, io[f"debug_block{i}_img"], atol=BLOCK_ATOL, what=f"block {i} img")
         assert_close(txt, io[f"debug_block{i}_txt"], atol=BLOCK_ATOL, what=f"block {i} txt")
+    # norm_out (AdaLayerNormContinuous, (scale, shift) order), before proj_out: 5x its floor 2.23e-5
+    scale, shift = jnp.split(dense(jax.nn.silu(temb), p["norm_out"]["linear"]), 2, axis=-1)
+    normed = layer_norm(img, NORM_OUT_EPS) * (1 + scale[:, None]) + shift[:, None]
+    assert_close(normed, io["debug_norm_out"], atol=5 * 2.23e-5, what="norm_out")
 
 
 def test_padded_text_tokens_do_not_change_image_output(tr, io):

@@ -199,6 +199,10 @@ def test_golden_encode_to_tokens(tiny, golden_encode):
     # packing and normalisation alone, from the golden latent
     tok = V.latent_to_tokens(tiny.params, tiny.config, jnp.transpose(jnp.asarray(g["latent_mode"]), (0, 2, 3, 1)))
     assert max_err(tok, g["latents_packed"]) <= 1e-6
+    # the patchified, BatchNorm-normalised latent before packing [B, 4C, h, w]: 5x its floor 3.01e-6
+    z = jnp.transpose(jnp.asarray(g["latent_mode"]), (0, 2, 3, 1))
+    normed = V.normalize(V.patchify(z), tiny.params["bn"], tiny.config.batch_norm_eps)
+    assert max_err(jnp.transpose(normed, (0, 3, 1, 2)), g["latent_patchified_normalised"]) <= 5 * 3.01e-6
 
 
 def test_jax_and_numpy_inputs_agree(tiny, golden_decode):
