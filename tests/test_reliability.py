@@ -317,8 +317,10 @@ def test_interrupted_convert_leaves_nothing(tmp_path, sig, capsys):
                 interrupted += 1
                 assert "interrupted; nothing was written" in err and "temporary folder was removed" in err
                 assert not dst.exists()
-            else:  # the signal came after the last write: the conversion is complete
-                assert rc == 0 and (dst / "manifest.json").is_file(), (rc, err)
+            else:  # the signal came after the last write: the conversion is complete. A SIGINT landing
+                # during interpreter exit (after "wrote ...") ends the process by the signal itself.
+                assert rc in (0, -signal.SIGINT) and (dst / "manifest.json").is_file(), (rc, err)
+                assert "wrote " in err, err
             assert not _leftovers(dst.parent), _leftovers(dst.parent)
         else:
             assert rc in (-signal.SIGKILL, 0), (rc, err)
