@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The same workload through lens-jax and through PyTorch, in one process, on the same random weights.
 
-    python scripts/benchmark_vs_torch.py --reference-dit ../shared/reference/lens_transformer_ref.py
+    python scripts/benchmark_vs_torch.py --reference-dit /path/to/upstream/lens_transformer_ref.py
 
 - DiT: the upstream PyTorch `LensTransformer2DModel` (imported from the file you give; lens-jax
   never ships it) at real width with `--dit-blocks` blocks; its state dict is converted to ours
