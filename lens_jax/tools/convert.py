@@ -464,9 +464,11 @@ def run(args) -> int:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    _log(f"wrote {dst} ({', '.join(components)}; {dtype})")
+        # Still inside the block: the output is in place, so a Ctrl-C now is ignored rather than
+        # reported as "nothing was written".
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _log(f"wrote {dst} ({', '.join(components)}; {dtype})")
     return 0
 
 
