@@ -132,17 +132,19 @@ def assemble(root: Path, transformer: Component, vae: Component, text_encoder_fa
     )
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of a parameter tree (concrete or abstract leaves)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def estimate_bytes(root: Path, dtype, keep_mxfp4: bool | None = None) -> tuple[int, int, int]:
     """(DiT, text encoder, activations) bytes on the device for a checkpoint root, from its configs alone."""
-    def size(tree) -> int:
-        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
     dit_config = dit.TransformerConfig.from_json(Path(root) / "transformer" / "config.json")
     te_config = te_lib.TextEncoderConfig.from_json(Path(root) / "text_encoder" / "config.json")
     needed = max(dit_config.selected_layer_index) + 1
     packed = te_config.quant_method == "mxfp4" if keep_mxfp4 is None else keep_mxfp4
-    dit_bytes = size(jax.eval_shape(lambda: dit.init_params(dit_config, jax.random.key(0), dtype)))
-    te_bytes = size(jax.eval_shape(lambda: te_lib.init_params(te_config.truncated(needed), jax.random.key(0), dtype,
+    dit_bytes = tree_bytes(jax.eval_shape(lambda: dit.init_params(dit_config, jax.random.key(0), dtype)))
+    te_bytes = tree_bytes(jax.eval_shape(lambda: te_lib.init_params(te_config.truncated(needed), jax.random.key(0), dtype,
                                                               packed=packed)))
     return dit_bytes, te_bytes, 4 * 2**30  # activations: a generous bound for 1440^2 with CFG in bf16
 

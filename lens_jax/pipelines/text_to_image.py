@@ -131,7 +131,7 @@ class LensPipeline:
         if quantize is not None:
             transformer = components_lib.Component(transformer.config, quant.quantize_params(transformer.params, quantize))
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
-        self.offload = offload_lib.choose(offload, _nbytes(transformer.params), 0, 0) if offload == "auto" \
+        self.offload = offload_lib.choose(offload, components_lib.tree_bytes(transformer.params), 0, 0) if offload == "auto" \
             else offload_lib.check_mode(offload)
         self.rules = rules or parallel.DEFAULT_RULES
         self.dtype = resolve_dtype(dtype)
@@ -595,10 +595,6 @@ def image_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
     keys = jax.random.wrap_key_data(np.array([[(seed + k) >> 32, (seed + k) & 0xFFFFFFFF] for k in range(b)],
                                              np.uint32).reshape(b, 2))
     return np.asarray(jax.vmap(lambda k: jax.random.normal(k, (n, c), jnp.float32))(keys))
-
-
-def _nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _to_pil(images: np.ndarray) -> list:
