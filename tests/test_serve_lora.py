@@ -267,3 +267,40 @@ def test_progress_board_is_bounded():
     board.add("live", 1, 4)
     now[0] = 1e6
     assert board.get("live")["status"] == "queued"  # live entries never expire
+
+
+def test_web_page_lora_selector(pipe, lora_dir):
+    """The page's LoRA <select> is filled from GET /v1/loras; the chosen LoRA is sent, shown and reused."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from .test_serve import serve
+    from .test_web_page import ARGS, CHROMIUM  # skips this test too when Chromium is missing
+
+    app = create_app(pipe, ServeConfig(max_batch=BATCH, max_wait_ms=0, model="tiny-random"),
+                     loras=LoraLibrary.from_dir(lora_dir))
+    with serve(app) as base, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(base + "/")
+            sync_api.expect(page.locator("#lorabox")).to_be_visible()
+            assert page.eval_on_selector_all("#lora option", "os => os.map(o => o.value)") == ["", "comfy", "kohya",
+                                                                                             "peft"]
+            page.fill("#prompt", "a lighthouse 2")
+            page.select_option("#sizemode", "size")
+            page.fill("#width", "32")
+            page.fill("#height", "32")
+            page.fill("#seed", "5")
+            page.select_option("#lora", "peft")
+            page.fill("#lora_multiplier", "0.7")
+            page.click("#generate")
+            figure = page.locator("#gallery figure")
+            sync_api.expect(figure).to_have_count(1, timeout=120_000)
+            sync_api.expect(figure.locator("figcaption")).to_contain_text("LoRA peft × 0.7")
+            page.select_option("#lora", "")
+            figure.click()
+            assert page.input_value("#lora") == "peft" and page.input_value("#lora_multiplier") == "0.7"
+            assert not errors, errors
+        finally:
+            browser.close()
