@@ -11,6 +11,7 @@ import base64
 import io
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -304,3 +305,32 @@ def test_web_page_lora_selector(pipe, lora_dir):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_lora_set_travels_with_the_broadcast_batch(pipe, lora_dir, monkeypatch):
+    """Host 0's broadcast payload carries the jobs' LoRA set; a follower (`follow`) runs the batch with
+    the same merged weights (the collectives replaced by a list, one process)."""
+    library = LoraLibrary.from_dir(lora_dir)
+    jobs = [replace(jobs_lib.make_job(DEFAULTS, "a lighthouse 2", seed=5, height=32, width=32),
+                    loras=(("peft", 0.7),))]
+    sent = []
+    monkeypatch.setattr(batcher_lib, "_broadcast", lambda payload: sent.append(payload) or payload)
+    host0 = batcher_lib.broadcast_runner(pipe, BATCH, library)(jobs, lambda *a: None)
+    assert b'"loras": [["peft", 0.7]]' in sent[0]
+
+    ran = []
+    real = jobs_lib.generate_batch
+
+    def spy(pipe_, jobs_, batch_size, callback=None, dit_params=None):
+        out = real(pipe_, jobs_, batch_size, callback, dit_params=dit_params)
+        ran.append((jobs_, dit_params, out))
+        return out
+
+    inbox = [sent[0], batcher_lib._encode(None)]
+    monkeypatch.setattr(batcher_lib, "_broadcast", lambda payload: inbox.pop(0))
+    monkeypatch.setattr(jobs_lib, "generate_batch", spy)
+    batcher_lib.follow(pipe, BATCH, library)
+    assert not inbox and len(ran) == 1
+    (followed, params, images), = ran
+    assert followed == jobs and params is not None
+    np.testing.assert_array_equal(images, host0)
