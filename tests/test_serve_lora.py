@@ -18,7 +18,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import save_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from lens_jax.pipelines.text_to_image import LensPipeline
 from lens_jax.sampling import sampler as sampler_lib
@@ -44,13 +45,26 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory) -> Path:
-    """The golden adapter in its three formats (peft, kohya, comfy), a file of no LoRA format, a non-safetensors file."""
+    """The golden adapter in its three formats (peft, kohya, comfy), a file of no LoRA format, a LoRA of
+    other shapes, a non-safetensors file."""
     d = tmp_path_factory.mktemp("loras")
     for fmt in ("peft", "kohya", "comfy"):
         shutil.copy(FIXTURES / f"lora_{fmt}.safetensors", d / f"{fmt}.safetensors")
     save_file({"not.a.lora": np.zeros(2, np.float32)}, str(d / "junk.safetensors"))
+    tensors = load_file(str(FIXTURES / "lora_peft.safetensors"))
+    key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key][:, :-1].copy()  # one input feature short: another model's LoRA
+    save_file(tensors, str(d / "misfit.safetensors"), metadata=safe_open(str(FIXTURES / "lora_peft.safetensors"),
+                                                                           "np").metadata())
     (d / "notes.txt").write_text("ignored")
     return d
+
+
+def library_for(pipe, lora_dir, cache_size: int = 2) -> LoraLibrary:
+    """The server's library: scanned, then checked against the model (misfit.safetensors dropped)."""
+    library = LoraLibrary.from_dir(lora_dir, cache_size)
+    library.check(pipe.dit_config)
+    return library
 
 
 def client(app) -> httpx.AsyncClient:
@@ -99,6 +113,8 @@ class Recorder:
 
 def test_lora_request_equals_pipeline_with_the_lora_and_reuses_the_program(pipe, lora_dir):
     library = LoraLibrary.from_dir(lora_dir)
+    assert library.names() == ["comfy", "kohya", "misfit", "peft"]  # by format; junk.safetensors is skipped
+    assert library.check(pipe.dit_config) == ["misfit"]  # shapes checked once the model is known
     app = create_app(pipe, ServeConfig(max_batch=BATCH, max_wait_ms=0), loras=library)
 
     async def main():
@@ -146,21 +162,23 @@ def test_lora_request_equals_pipeline_with_the_lora_and_reuses_the_program(pipe,
 
 
 def test_lora_sets_are_batched_apart_equal_sets_together(pipe, lora_dir):
-    library = LoraLibrary.from_dir(lora_dir, cache_size=2)
+    library = library_for(pipe, lora_dir, cache_size=2)
     rec = Recorder(batcher_lib.pipeline_runner(pipe, BATCH, library))
     app = create_app(pipe, ServeConfig(max_batch=BATCH, max_wait_ms=1000), runner=rec, loras=library)
     sets = [None, None, ["peft"], [{"name": "peft", "multiplier": 1.0}], ["comfy:0.5"], ["comfy:0.5"], ["peft:0.5"]]
 
     async def main():
         async with client(app) as c:
-            return await asyncio.gather(*[c.post(URL, json=body(10 + i, s)) for i, s in enumerate(sets)])
+            answers = await asyncio.gather(*[c.post(URL, json=body(10 + i, s)) for i, s in enumerate(sets)])
+            return answers, (await c.get("/metrics")).text
 
     with running(app):
-        answers = asyncio.run(main())
+        answers, metrics = asyncio.run(main())
     assert [r.status_code for r in answers] == [200] * len(sets)
     want = [[(), ()], [(("peft", 1.0),)] * 2, [(("comfy", 0.5),)] * 2, [(("peft", 0.5),)]]
     assert sorted(map(repr, rec.calls)) == sorted(map(repr, want))
     assert library.merges == 3  # one merge per LoRA set (the LRU keeps 2; no set came back)
+    assert "lens_lora_merges 3.0" in metrics
 
 
 def test_lora_field_errors_name_the_field(lora_dir):
@@ -277,7 +295,7 @@ def test_web_page_lora_selector(pipe, lora_dir):
     from .test_web_page import ARGS, CHROMIUM  # skips this test too when Chromium is missing
 
     app = create_app(pipe, ServeConfig(max_batch=BATCH, max_wait_ms=0, model="tiny-random"),
-                     loras=LoraLibrary.from_dir(lora_dir))
+                     loras=library_for(pipe, lora_dir))
     with serve(app) as base, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
@@ -310,7 +328,7 @@ def test_web_page_lora_selector(pipe, lora_dir):
 def test_lora_set_travels_with_the_broadcast_batch(pipe, lora_dir, monkeypatch):
     """Host 0's broadcast payload carries the jobs' LoRA set; a follower (`follow`) runs the batch with
     the same merged weights (the collectives replaced by a list, one process)."""
-    library = LoraLibrary.from_dir(lora_dir)
+    library = library_for(pipe, lora_dir)
     jobs = [replace(jobs_lib.make_job(DEFAULTS, "a lighthouse 2", seed=5, height=32, width=32),
                     loras=(("peft", 0.7),))]
     sent = []

@@ -58,6 +58,8 @@ def run(args) -> int:
     mesh = parallel.make_mesh(args.data, args.fsdp, args.tensor)
     max_batch = args.max_batch or max(4, mesh.shape["data"])
     pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh, args.offload)
+    if loras is not None:
+        loras.check(pipe.dit_config)  # every host drops the same files (same --lora-dir contents)
     if jax.process_count() > 1 and jax.process_index() != 0:
         print(f"lens-jax serve: host {jax.process_index()} follows host 0's batches", file=sys.stderr)
         batcher_lib.follow(pipe, max_batch, loras)

@@ -178,6 +178,9 @@ def create_app(pipe=None, config: ServeConfig | None = None, *, runner: batcher_
     app = FastAPI(title="lens-jax", version="1", lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, cfg
     app.state.progress, app.state.loras = board, loras
+    if loras is not None:
+        merges = Gauge("lens_lora_merges", "LoRA sets merged into the DiT (cache misses)", registry=metrics.registry)
+        merges.set_function(lambda: loras.merges)
     static = resources.files("lens_jax.tools.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 

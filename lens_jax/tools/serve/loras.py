@@ -2,7 +2,8 @@
 
 - **Allow-list.** Every `*.safetensors` file directly in DIR whose tensor names are one of the three
   formats `lens_jax.lora.load` reads (peft, kohya, comfy), found when the server starts; its name is
-  the file stem. Files of no known format are skipped with a warning. Only these names can be asked for.
+  the file stem. Files of no known format are skipped with a warning, and so are files that do not fit
+  the DiT once the model is loaded (`LoraLibrary.check`). Only these names can be asked for.
 - **A LoRA set** is what a request asks for: `((name, multiplier), ...)`, made canonical by
   `LoraLibrary.resolve` (sorted by name, multiplier-0 entries dropped), so equal sets batch together
   and are merged in one order.
@@ -11,7 +12,7 @@
   sets (LRU). Merged parameters are an *argument* of the pipeline's compiled sampler programs, so a new
   LoRA set costs one merge (about one [in, r] @ [r, out] product per adapted kernel), never a new
   compilation; each cached set holds its own copy of the adapted kernels (device memory). Adapters
-  are read from disk when a set is merged (and fully checked against the DiT then), not kept.
+  are read from disk again when a set is merged, not kept in memory.
 
 Only the worker thread (or a follower host's loop) calls `params`; `resolve` and `names` are pure reads.
 """
@@ -77,6 +78,19 @@ class LoraLibrary:
     @classmethod
     def from_dir(cls, directory: str | Path, cache_size: int = 2) -> "LoraLibrary":
         return cls(scan(directory), cache_size)
+
+    def check(self, dit_config: Any) -> list[str]:
+        """Read every file against the DiT's config (all shapes checked); drop and report those that do not
+        fit. Returns the dropped names."""
+        dropped = []
+        for name, f in list(self.files.items()):
+            try:
+                lora_formats.load(f.path, dit_config)
+            except (CheckpointError, InputError, OSError, ValueError) as e:
+                print(f"lens-jax serve: skipping LoRA {name!r}: {e}", file=sys.stderr)
+                del self.files[name]
+                dropped.append(name)
+        return dropped
 
     def names(self) -> list[str]:
         return sorted(self.files)
