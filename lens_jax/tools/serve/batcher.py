@@ -1,4 +1,5 @@
-"""The scheduler: concurrent requests of one bucket and LoRA set become one sampler batch, run by one worker thread.
+"""The scheduler: concurrent requests of one bucket and LoRA set become one sampler batch, run by one
+worker thread.
 
 - `Batcher.submit` (on the event loop) queues a `Ticket` (one request: its jobs, one per image) or
   raises `QueueFull` when `queue_size` tickets wait.

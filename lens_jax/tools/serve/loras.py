@@ -65,7 +65,8 @@ def scan(directory: str | Path) -> dict[str, LoraFile]:
 class LoraLibrary:
     """The allow-listed LoRAs of one server and an LRU of merged DiT parameters per LoRA set."""
 
-    def __init__(self, files: dict[str, LoraFile], cache_size: int = 2, max_multiplier: float = MAX_MULTIPLIER, max_loras: int = MAX_LORAS):
+    def __init__(self, files: dict[str, LoraFile], cache_size: int = 2, max_multiplier: float = MAX_MULTIPLIER,
+                 max_loras: int = MAX_LORAS):
         if cache_size < 0:
             raise InputError(f"--lora-cache {cache_size} must be >= 0 (merged LoRA sets kept).")
         self.files = dict(files)
