@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     def timed(loras, clear: bool = False) -> float:
         if clear:
-            library._cache.clear()
+            library.clear()
         t0 = time.perf_counter()
         run([replace(job, loras=loras)], lambda *a: None)
         return time.perf_counter() - t0

@@ -93,6 +93,10 @@ class LoraLibrary:
                 dropped.append(name)
         return dropped
 
+    def clear(self) -> None:
+        """Drop every cached merged set (their device memory is freed when no batch holds them)."""
+        self._cache.clear()
+
     def names(self) -> list[str]:
         return sorted(self.files)
 
