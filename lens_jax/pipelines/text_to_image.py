@@ -288,17 +288,27 @@ class LensPipeline:
         if getattr(self, "_dit_base", None) is None:
             self._dit_base, self._loras = self.dit_params, []
         self._loras = [*self._loras, (name, adapter, float(multiplier))]
+        self.dit_params = self.lora_params([(a, m) for _, a, m in self._loras], self._dit_base)
+        return self
+
+    def lora_params(self, adapters: Sequence[tuple[Any, float]], base: Any = None) -> dict:
+        """DiT parameters with `[(adapter, multiplier), ...]` merged in order onto `base` (default: the
+        current `dit_params`), without changing the pipeline. Each kernel keeps its sharding and memory
+        kind, so `__call__(..., dit_params=...)` runs them with the same compiled programs.
+        """
+        from ..models import lora as lora_lib
+
+        base = self.dit_params if base is None else base
         # One adapted kernel at a time, on the device (kernels offloaded to host memory go back there).
         merge = jax.jit(lora_lib.merge_many)
-        params = self._dit_base
-        for path in sorted({p for _, a, _ in self._loras for p in a}):
-            kernel = lora_lib.get_path(self._dit_base, path)["kernel"]
+        params = base
+        for path in sorted({p for a, _ in adapters for p in a}):
+            kernel = lora_lib.get_path(base, path)["kernel"]
             on_device = jax.device_put(kernel, kernel.sharding.with_memory_kind("device"))
-            stack = [({"m": a[path]}, jnp.float32(m)) for _, a, m in self._loras if path in a]
+            stack = [({"m": a[path]}, jnp.float32(m)) for a, m in adapters if path in a]
             merged = merge({"m": {"kernel": on_device}}, stack)["m"]["kernel"]
             params = lora_lib.set_path(params, path + ".kernel", jax.device_put(merged, kernel.sharding))
-        self.dit_params = params
-        return self
+        return params
 
     def unload_loras(self) -> "LensPipeline":
         """Remove every loaded LoRA: the DiT gets its base parameters back (bit-exact)."""
@@ -360,12 +370,15 @@ class LensPipeline:
         mask_image=None,
         enable_reasoner: bool = False,
         min_text_length: int | None = None,
+        dit_params: Any = None,
     ) -> LensPipelineOutput:
         """Generate images. `callback(step, timestep, latents)` is called after every step.
 
         `image` (path, PIL image or array; one image for every output) with `strength` in (0, 1]:
         image-to-image; with `mask_image` (white = repaint): inpainting (docs/img2img.md).
         `enable_reasoner`: rewrite the prompts first (`configure_reasoner`; docs/reasoner.md).
+        `dit_params`: DiT parameters to use instead of `self.dit_params` for this call (e.g. from
+        `lora_params`; same shapes and shardings, so the compiled programs are reused).
 
         Every argument is checked first (`lens_jax.pipelines.validation`). Image k (prompt-major
         order) starts from the noise of `seed + k` alone. Bit-exact reproduction of image k needs
@@ -442,7 +455,8 @@ class LensPipeline:
         )
         if known is not None:
             known = tuple(parallel.put(k, parallel.batch_sharding(mesh, batch, 3)) for k in known)
-        final, image, trajectory = sampler_lib.run(programs, spec, self.dit_params, self.vae_params, *args,
+        dit_params = self.dit_params if dit_params is None else dit_params
+        final, image, trajectory = sampler_lib.run(programs, spec, dit_params, self.vae_params, *args,
                                                    callback=callback, known=known)
         final = parallel.to_host(final)
         if output_type == "latent":

@@ -50,15 +50,22 @@ class Job:
     guidance: float
     negative_prompt: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # LoRA set ((name, multiplier), ...) applied to the DiT; the runner resolves the names.
+    loras: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):  # lists (from JSON) -> a hashable tuple of (str, float) pairs
+        object.__setattr__(self, "loras", tuple((str(n), float(m)) for n, m in self.loras))
 
     @property
     def bucket(self) -> Bucket:
         return Bucket(self.height, self.width, self.steps, self.guidance)
 
     def settings(self) -> dict:
-        """The settings that reproduce this image (for metadata)."""
+        """The settings that reproduce this image (for metadata); `loras` only when set."""
         d = asdict(self)
         d.pop("extra")
+        if not self.loras:
+            d.pop("loras")
         return d
 
 
@@ -101,11 +108,12 @@ def group_by_bucket(jobs: Sequence[Job]) -> dict[Bucket, list[int]]:
 
 
 def generate_batch(pipe, jobs: Sequence[Job], batch_size: int,
-                   callback: Callable[[int, float, Any], None] | None = None) -> np.ndarray:
+                   callback: Callable[[int, float, Any], None] | None = None, dit_params: Any = None) -> np.ndarray:
     """Images (float32 [len(jobs), H, W, 3] in [0, 1]) of up to `batch_size` jobs of one bucket.
 
     The sampler always runs `batch_size` rows (see the module docstring); `callback(step, t, latents)`
-    is the pipeline's per-step callback.
+    is the pipeline's per-step callback. `dit_params` (e.g. with the jobs' LoRAs merged,
+    `LensPipeline.lora_params`) replaces the pipeline's DiT parameters for this batch.
     """
     if not jobs:
         raise InputError("generate_batch needs at least one job.")
@@ -114,13 +122,18 @@ def generate_batch(pipe, jobs: Sequence[Job], batch_size: int,
     bucket = jobs[0].bucket
     if any(j.bucket != bucket for j in jobs):
         raise InputError("all jobs of a batch must share one bucket (size, steps, guidance).")
+    if any(j.loras != jobs[0].loras for j in jobs):
+        raise InputError("all jobs of a batch must share one LoRA set.")
+    if jobs[0].loras and dit_params is None:
+        raise InputError("jobs with LoRAs need dit_params with them merged (LensPipeline.lora_params).")
+    extra = {} if dit_params is None else {"dit_params": dit_params}
     rows = list(jobs) + [jobs[0]] * (batch_size - len(jobs))
     channels = pipe.dit_config.in_channels
     latents = np.concatenate([job_noise(j.seed, j.height, j.width, channels) for j in rows])
     out = pipe(
         [j.prompt for j in rows], negative_prompt=[j.negative_prompt for j in rows],
         height=bucket.height, width=bucket.width, num_inference_steps=bucket.steps,
-        guidance_scale=bucket.guidance, latents=latents, output_type="np", callback=callback,
+        guidance_scale=bucket.guidance, latents=latents, output_type="np", callback=callback, **extra,
     )
     return np.asarray(out.images[: len(jobs)])
 

@@ -1,7 +1,7 @@
 """`lens-jax serve`: an HTTP service that batches concurrent requests, with a web page at `/`.
 
     lens-jax serve --model PATH [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 4
-                                 --max-wait-ms 50 --queue-size 64]
+                                 --max-wait-ms 50 --queue-size 64 --lora-dir DIR]
 
 See docs/serving.md. Multi-host: run the same command on every host (after
 `jax.distributed.initialize()` settings in the environment); host 0 serves HTTP and broadcasts each
@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--data", type=int, default=None, help="mesh data-parallel size (default 1)")
     p.add_argument("--fsdp", type=int, default=None, help="mesh fsdp size (default: the remaining devices)")
     p.add_argument("--tensor", type=int, default=1, help="mesh tensor-parallel size")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="offer the LoRA .safetensors files in DIR (peft, kohya or comfy) to requests by file stem")
+    p.add_argument("--lora-cache", type=int, default=2, metavar="N",
+                   help="LoRA sets whose merged DiT weights are kept (each holds a copy of the adapted kernels)")
     p.add_argument("--offload", default="none", choices=["none", "text_encoder", "all", "auto"],
                    help="stream layers from host memory (see `lens-jax generate --help`)")
 
@@ -47,14 +51,18 @@ def run(args) -> int:
     from ..bulk import load_pipeline
     from ..runtime import enable_compilation_cache
     from . import batcher as batcher_lib
+    from .loras import LoraLibrary
 
     enable_compilation_cache()
+    loras = None if args.lora_dir is None else LoraLibrary.from_dir(args.lora_dir, args.lora_cache)
     mesh = parallel.make_mesh(args.data, args.fsdp, args.tensor)
     max_batch = args.max_batch or max(4, mesh.shape["data"])
     pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh, args.offload)
+    if loras is not None:
+        loras.check(pipe.dit_config)  # every host drops the same files (same --lora-dir contents)
     if jax.process_count() > 1 and jax.process_index() != 0:
         print(f"lens-jax serve: host {jax.process_index()} follows host 0's batches", file=sys.stderr)
-        batcher_lib.follow(pipe, max_batch)
+        batcher_lib.follow(pipe, max_batch, loras)
         return 0
 
     import uvicorn
@@ -66,8 +74,11 @@ def run(args) -> int:
                          api_key=args.api_key or os.environ.get("LENS_JAX_API_KEY") or None,
                          timeout_s=args.timeout, model=model)
     app = create_app(pipe, config,
-                     runner=batcher_lib.broadcast_runner(pipe, max_batch) if multi else None,
-                     on_shutdown=batcher_lib.stop_followers if multi else None)
+                     runner=batcher_lib.broadcast_runner(pipe, max_batch, loras) if multi else None,
+                     on_shutdown=batcher_lib.stop_followers if multi else None, loras=loras)
+    if loras is not None:
+        print(f"lens-jax serve: {len(loras.files)} LoRAs from {args.lora_dir}: {', '.join(loras.names()) or 'none'}",
+              file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it.",
               file=sys.stderr)

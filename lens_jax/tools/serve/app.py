@@ -3,8 +3,9 @@
     app = create_app(pipe, ServeConfig(max_batch=4))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: `POST /v1/images/generations`, `GET /v1/files/{name}` (images answered as URLs),
-`GET /health`, `GET /metrics` (Prometheus text), `GET /` (the web page) and `/static/*`.
+Routes: `POST /v1/images/generations`, `GET /v1/progress/{id}`, `GET /v1/loras`, `GET /v1/files/{name}`
+(images answered as URLs), `GET /health`, `GET /metrics` (Prometheus text), `GET /` (the web page) and
+`/static/*`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -30,7 +31,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from ...errors import InputError
 from .. import jobs as jobs_lib
 from . import batcher as batcher_lib
-from .schemas import GenerationRequest, GenerationResponse, ImageData, Settings
+from .loras import LoraLibrary
+from .progress import ProgressBoard
+from .schemas import GenerationRequest, GenerationResponse, ImageData, LoraRef, Settings
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class ServeConfig:
     max_pixels: int = 2080 * 2080  # per image
     base_resolution: int = 1024  # for aspect_ratio
     files_kept: int = 256  # images kept for response_format=url (oldest dropped first)
+    progress_ttl_s: float = 600.0  # finished requests stay visible to GET /v1/progress/{id} this long
+    progress_kept: int = 1024  # and at most this many of them
     model: str = ""
 
 
@@ -100,12 +105,21 @@ def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-def _jobs(req: GenerationRequest, defaults: dict, cfg: ServeConfig) -> list[jobs_lib.Job]:
+def _jobs(req: GenerationRequest, defaults: dict, cfg: ServeConfig,
+          loras: LoraLibrary | None = None) -> list[jobs_lib.Job]:
     """The request's images as jobs (seed + i for image i); InputError names the field."""
     from ...pipelines.text_to_image import load_preset
 
     if req.n > cfg.max_batch:
         raise _FieldError("n", f"n={req.n} is more than this server's max batch {cfg.max_batch}.")
+    lora_set = ()
+    if req.lora:
+        if loras is None:
+            raise _FieldError("lora", "this server offers no LoRAs (start it with --lora-dir DIR).")
+        try:
+            lora_set = loras.resolve((x.name, x.multiplier) for x in req.lora)
+        except InputError as e:
+            raise _FieldError("lora", str(e)) from None
     if req.variant is not None:
         defaults = {**defaults, **{k: load_preset(req.variant)[k] for k in ("num_inference_steps", "guidance_scale")}}
     height = width = None
@@ -124,8 +138,8 @@ def _jobs(req: GenerationRequest, defaults: dict, cfg: ServeConfig) -> list[jobs
                                   guidance=req.guidance)
     except InputError as e:
         raise _FieldError("prompt" if "prompt" in str(e) else field, str(e)) from None
-    return [first] + [jobs_lib.Job(first.prompt, (seed + i) % (jobs_lib.MAX_SEED + 1), first.height, first.width,
-                                   first.steps, first.guidance, first.negative_prompt) for i in range(1, req.n)]
+    first = replace(first, loras=lora_set)
+    return [first] + [replace(first, seed=(seed + i) % (jobs_lib.MAX_SEED + 1), extra={}) for i in range(1, req.n)]
 
 
 class _FieldError(Exception):
@@ -135,17 +149,19 @@ class _FieldError(Exception):
 
 
 def create_app(pipe=None, config: ServeConfig | None = None, *, runner: batcher_lib.Runner | None = None,
-               defaults: dict | None = None, on_shutdown=None) -> FastAPI:
+               defaults: dict | None = None, on_shutdown=None, loras: LoraLibrary | None = None) -> FastAPI:
     """The FastAPI app. `pipe`: a LensPipeline (its defaults give steps/guidance); `runner` replaces
-    the pipeline runner (multi-host broadcasting, tests); `on_shutdown()` runs after the worker stops."""
+    the pipeline runner (multi-host broadcasting, tests); `on_shutdown()` runs after the worker stops;
+    `loras`: the LoRAs requests may ask for (`serve.loras.LoraLibrary`; none when None)."""
     cfg = config or ServeConfig()
     if runner is None:
-        runner = batcher_lib.pipeline_runner(pipe, cfg.max_batch)
+        runner = batcher_lib.pipeline_runner(pipe, cfg.max_batch, loras)
     defaults = dict(defaults or pipe.defaults)
     metrics = Metrics()
     files = Files(cfg.files_kept)
+    board = ProgressBoard(cfg.progress_ttl_s, cfg.progress_kept)
     batcher = batcher_lib.Batcher(runner, cfg.max_batch, cfg.max_wait_ms / 1000.0, cfg.queue_size,
-                                  on_batch=metrics.on_batch, on_queue=metrics.queue.set)
+                                  on_batch=metrics.on_batch, on_queue=metrics.queue.set, on_event=board.update)
 
     from contextlib import asynccontextmanager
 
@@ -161,6 +177,10 @@ def create_app(pipe=None, config: ServeConfig | None = None, *, runner: batcher_
 
     app = FastAPI(title="lens-jax", version="1", lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, cfg
+    app.state.progress, app.state.loras = board, loras
+    if loras is not None:
+        merges = Gauge("lens_lora_merges", "LoRA sets merged into the DiT (cache misses)", registry=metrics.registry)
+        merges.set_function(lambda: loras.merges)
     static = resources.files("lens_jax.tools.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
@@ -195,6 +215,22 @@ def create_app(pipe=None, config: ServeConfig | None = None, *, runner: batcher_
     async def index():
         return FileResponse(str(static / "index.html"), media_type="text/html")
 
+    @app.get("/v1/loras")
+    async def list_loras():
+        files = [] if loras is None else [loras.files[n] for n in loras.names()]
+        return {"data": [{"name": f.name, "format": f.format} for f in files],
+                "max_multiplier": None if loras is None else loras.max_multiplier,
+                "max_loras": None if loras is None else loras.max_loras}
+
+    @app.get("/v1/progress/{request_id}")
+    async def progress(request_id: str):
+        entry = board.get(request_id)
+        if entry is None:
+            return _error(404, f"no request {request_id!r} (finished requests are kept {cfg.progress_ttl_s:g} s).")
+        if entry["status"] == "queued":
+            entry["ahead"] = batcher.ahead(request_id)
+        return entry
+
     @app.get("/v1/files/{name}")
     async def file(name: str):
         data = files.get(name)
@@ -213,7 +249,8 @@ def create_app(pipe=None, config: ServeConfig | None = None, *, runner: batcher_
                 data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=job.seed))
         j = jobs[0]
         settings = Settings(prompt=j.prompt, negative_prompt=j.negative_prompt, width=j.width, height=j.height,
-                            steps=j.steps, guidance=j.guidance, seed=j.seed, n=len(jobs), variant=req.variant)
+                            steps=j.steps, guidance=j.guidance, seed=j.seed, n=len(jobs), variant=req.variant,
+                            lora=[LoraRef(name=n, multiplier=m) for n, m in j.loras] or None)
         return GenerationResponse(id=ticket.id, created=int(time.time()), data=data,
                                   settings=settings).model_dump(exclude_none=True)
 
@@ -225,19 +262,37 @@ def create_app(pipe=None, config: ServeConfig | None = None, *, runner: batcher_
         metrics.requests.labels(status).inc()
         metrics.latency.observe(time.perf_counter() - t0)
 
+    def track(ticket: batcher_lib.Ticket) -> None:
+        """Progress of the ticket on the board, from queued to its outcome."""
+        board.add(ticket.id, len(ticket.jobs), ticket.jobs[0].steps)
+
+        def settled(future: asyncio.Future) -> None:
+            error = None if future.cancelled() else future.exception()
+            if future.cancelled() or isinstance(error, batcher_lib.Cancelled):
+                board.finish(ticket.id, "cancelled", None if error is None else str(error))
+            elif error is not None:
+                board.finish(ticket.id, "failed", f"{type(error).__name__}: {error}")
+            else:
+                board.finish(ticket.id, "done")
+
+        ticket.future.add_done_callback(settled)
+
     @app.post("/v1/images/generations")
     async def generate(req: GenerationRequest, request: Request):
         t0 = time.perf_counter()
         try:
-            jobs = _jobs(req, defaults, cfg)
+            jobs = _jobs(req, defaults, cfg, loras)
+            if req.request_id is not None and req.request_id in board:
+                raise _FieldError("request_id", f"request_id {req.request_id!r} is in use; send a new one.")
         except _FieldError as e:
             finish("422", t0)
             return _error(422, str(e), e.field)
         try:
-            ticket = batcher.submit(jobs)
+            ticket = batcher.submit(jobs, req.request_id)
         except batcher_lib.QueueFull as e:
             finish("429", t0)
             return JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": "1"})
+        track(ticket)
         if req.stream:
             return StreamingResponse(stream(req, ticket, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": ticket.id})

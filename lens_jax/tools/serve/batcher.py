@@ -1,14 +1,16 @@
-"""The scheduler: concurrent requests of one bucket become one sampler batch, run by one worker thread.
+"""The scheduler: concurrent requests of one bucket and LoRA set become one sampler batch, run by one
+worker thread.
 
 - `Batcher.submit` (on the event loop) queues a `Ticket` (one request: its jobs, one per image) or
   raises `QueueFull` when `queue_size` tickets wait.
-- The worker thread owns the pipeline. It takes the oldest ticket's bucket, waits until that bucket
-  holds `max_batch` images or the oldest ticket has waited `max_wait_s`, takes the bucket's tickets in
-  arrival order as long as their images fit in `max_batch`, and runs them as one batch. Each ticket
+- The worker thread owns the pipeline. It takes the oldest ticket's key (shape bucket and LoRA set),
+  waits until that key holds `max_batch` images or the oldest ticket has waited `max_wait_s`, takes the
+  key's tickets in arrival order as long as their images fit in `max_batch`, and runs them as one batch
+  (so requests with different LoRA sets never share a sampler batch). Each ticket
   gets its own images (its future) and per-step progress (its event queue); an exception fails that
   batch's tickets only. A cancelled ticket leaves the queue and, if already running, is dropped.
-- Multi-host: `broadcast_runner` (host 0) sends each batch to the other hosts, where `follow` runs
-  the same batch, so every host runs the same program on the same data.
+- Multi-host: `broadcast_runner` (host 0) sends each batch (its jobs, LoRA sets included) to the other
+  hosts, where `follow` runs the same batch, so every host runs the same program on the same data.
 """
 
 from __future__ import annotations
@@ -49,14 +51,25 @@ class Ticket:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    listener: Callable[[str, dict], None] | None = None  # also gets every event, on the loop
 
     @property
     def bucket(self) -> jobs_lib.Bucket:
         return self.jobs[0].bucket
 
+    @property
+    def key(self) -> tuple:
+        """What must be equal to share a sampler batch: the shape bucket and the LoRA set."""
+        return self.jobs[0].bucket, self.jobs[0].loras
+
     def post(self, event: dict) -> None:
         """Send a progress event from any thread."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: dict) -> None:
+        if self.listener is not None:
+            self.listener(self.id, dict(event))
+        self.events.put_nowait(event)
 
     def resolve(self, images=None, error: BaseException | None = None) -> None:
         """Answer from any thread (first answer wins)."""
@@ -89,7 +102,8 @@ class Batcher:
 
     def __init__(self, runner: Runner, max_batch: int, max_wait_s: float, queue_size: int,
                  on_batch: Callable[[BatchStats], None] | None = None,
-                 on_queue: Callable[[int], None] | None = None):
+                 on_queue: Callable[[int], None] | None = None,
+                 on_event: Callable[[str, dict], None] | None = None):
         if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch and queue_size must be >= 1 and max_wait_s >= 0.")
         self.runner = runner
@@ -98,6 +112,7 @@ class Batcher:
         self.queue_size = queue_size
         self._on_batch = on_batch or (lambda stats: None)
         self._on_queue = on_queue or (lambda n: None)
+        self._on_event = on_event  # (ticket id, event) for every ticket's events, on its loop
         self._pending: list[Ticket] = []
         self._cond = threading.Condition()
         self._stop = False
@@ -120,12 +135,15 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, jobs: Sequence[jobs_lib.Job]) -> Ticket:
-        """Queue one request's jobs (one bucket, at most max_batch); call from the event loop."""
-        if not jobs or len(jobs) > self.max_batch or any(j.bucket != jobs[0].bucket for j in jobs):
-            raise ValueError(f"a request needs 1..{self.max_batch} jobs of one bucket.")
+    def submit(self, jobs: Sequence[jobs_lib.Job], request_id: str | None = None) -> Ticket:
+        """Queue one request's jobs (one bucket and LoRA set, at most max_batch); call from the event loop."""
+        if not jobs or len(jobs) > self.max_batch or any(
+                (j.bucket, j.loras) != (jobs[0].bucket, jobs[0].loras) for j in jobs):
+            raise ValueError(f"a request needs 1..{self.max_batch} jobs of one bucket and LoRA set.")
         loop = asyncio.get_running_loop()
-        ticket = Ticket(list(jobs), loop, loop.create_future(), asyncio.Queue())
+        ticket = Ticket(list(jobs), loop, loop.create_future(), asyncio.Queue(), listener=self._on_event)
+        if request_id is not None:
+            ticket.id = request_id
         with self._cond:
             if self._stop:
                 raise Cancelled("the server is shutting down.")
@@ -149,6 +167,11 @@ class Batcher:
         with self._cond:
             return len(self._pending)
 
+    def ahead(self, request_id: str) -> int | None:
+        """How many waiting requests are ahead of this one (None when it does not wait)."""
+        with self._cond:
+            return next((i for i, t in enumerate(self._pending) if t.id == request_id), None)
+
     # ------------------------------------------------------------------ worker side
 
     def _next_batch(self) -> list[Ticket] | None:
@@ -159,9 +182,9 @@ class Batcher:
                 if not self._pending:
                     self._cond.wait()
                     continue
-                bucket = self._pending[0].bucket
+                key = self._pending[0].key
                 deadline = self._pending[0].enqueued + self.max_wait_s
-                same = [t for t in self._pending if t.bucket == bucket]
+                same = [t for t in self._pending if t.key == key]
                 if sum(len(t.jobs) for t in same) >= self.max_batch or time.monotonic() >= deadline:
                     break
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
@@ -213,11 +236,15 @@ class Batcher:
 # ---------------------------------------------------------------------- runners
 
 
-def pipeline_runner(pipe, batch_size: int) -> Runner:
-    """Run jobs through `pipe`, always `batch_size` rows (so a batched answer equals a lone one)."""
+def pipeline_runner(pipe, batch_size: int, loras=None) -> Runner:
+    """Run jobs through `pipe`, always `batch_size` rows (so a batched answer equals a lone one).
+
+    `loras` (a `serve.loras.LoraLibrary`) gives the DiT parameters of the jobs' LoRA set.
+    """
 
     def run(jobs, callback):
-        return jobs_lib.generate_batch(pipe, jobs, batch_size, callback)
+        params = loras.params(pipe, jobs[0].loras) if loras is not None and jobs[0].loras else None
+        return jobs_lib.generate_batch(pipe, jobs, batch_size, callback, dit_params=params)
 
     return run
 
@@ -240,9 +267,9 @@ def _broadcast(payload: bytes | None) -> bytes:
     return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
 
 
-def broadcast_runner(pipe, batch_size: int) -> Runner:
+def broadcast_runner(pipe, batch_size: int, loras=None) -> Runner:
     """Host 0's runner on a multi-host mesh: broadcast the batch, then run it (with the other hosts)."""
-    local = pipeline_runner(pipe, batch_size)
+    local = pipeline_runner(pipe, batch_size, loras)
 
     def run(jobs, callback):
         _broadcast(_encode(jobs))
@@ -256,13 +283,15 @@ def stop_followers() -> None:
     _broadcast(_encode(None))
 
 
-def follow(pipe, batch_size: int) -> None:
+def follow(pipe, batch_size: int, loras=None) -> None:
     """Hosts > 0: run every batch host 0 broadcasts, until it broadcasts the stop message.
 
     A no-op step callback keeps the same (host-driven) programs as host 0, which reports progress.
+    `loras`: this host's `LoraLibrary` (the same --lora-dir contents as host 0's).
     """
+    run = pipeline_runner(pipe, batch_size, loras)
     while (jobs := _decode(_broadcast(None))) is not None:
         try:
-            jobs_lib.generate_batch(pipe, jobs, batch_size, lambda *a: None)
+            run(jobs, lambda *a: None)
         except Exception:  # host 0 sees the same failure and answers its requests
             continue

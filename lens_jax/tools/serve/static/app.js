@@ -17,6 +17,7 @@ function request() {
   for (const k of ["steps", "seed"]) if ($(k).value !== "") body[k] = parseInt($(k).value, 10);
   if ($("guidance").value !== "") body.guidance = parseFloat($("guidance").value);
   if ($("variant").value) body.variant = $("variant").value;
+  if ($("lora").value) body.lora = [{ name: $("lora").value, multiplier: parseFloat($("lora_multiplier").value || "1") }];
   return body;
 }
 
@@ -39,6 +40,9 @@ function reuse(settings, sent) {
   $("guidance").value = settings.guidance;
   $("seed").value = settings.seed;
   $("variant").value = settings.variant || "";
+  const lora = (settings.lora || [])[0];
+  $("lora").value = lora ? lora.name : "";
+  if (lora) $("lora_multiplier").value = lora.multiplier;
   if (sent.aspect_ratio) { $("sizemode").value = "aspect"; $("aspect_ratio").value = sent.aspect_ratio; }
   else { $("sizemode").value = "size"; $("width").value = settings.width; $("height").value = settings.height; }
   showSizeMode();
@@ -57,7 +61,8 @@ function addToGallery(result, sent) {
     const b = document.createElement("b");
     b.textContent = s.prompt;
     cap.append(b, `${s.width}×${s.height} · ${s.steps} steps · guidance ${s.guidance} · seed ${item.seed}` +
-      (s.negative_prompt ? ` · not: ${s.negative_prompt}` : ""));
+      (s.negative_prompt ? ` · not: ${s.negative_prompt}` : "") +
+      (s.lora || []).map((l) => ` · LoRA ${l.name} × ${l.multiplier}`).join(""));
     fig.append(img, cap);
     fig.addEventListener("click", () => reuse({ ...s, seed: item.seed }, sent));
     $("gallery").prepend(fig);
@@ -119,7 +124,21 @@ async function health() {
   } catch (e) { $("status").textContent = "server unreachable"; }
 }
 
+// The LoRA selector appears when the server offers LoRAs (GET /v1/loras; `lens-jax serve --lora-dir`).
+async function loras() {
+  try {
+    const resp = await fetch("/v1/loras", { headers: headers() });
+    if (!resp.ok) return;
+    const list = await resp.json();
+    for (const l of list.data) $("lora").append(new Option(l.name, l.name));
+    if (list.max_multiplier) { $("lora_multiplier").min = -list.max_multiplier; $("lora_multiplier").max = list.max_multiplier; }
+    $("lorabox").hidden = list.data.length === 0;
+  } catch (e) { /* no LoRAs then */ }
+}
+
 $("form").addEventListener("submit", generate);
+$("apikey").addEventListener("change", () => { if ($("lora").options.length <= 1) loras(); });
 $("sizemode").addEventListener("change", showSizeMode);
 showSizeMode();
 health();
+loras();
