@@ -102,6 +102,16 @@ def _weights_and_config(path: str | os.PathLike) -> tuple[Path, Path]:
     if not p.exists():
         raise CheckpointError(f"transformer path {p} does not exist.")
     folder = p if p.is_dir() else p.parent
+    from .orbax_io import find_converted  # here: orbax_io imports the registry, which imports the models
+
+    converted = find_converted(folder)
+    if converted is not None:
+        root, what = converted
+        raise CheckpointError(
+            f"{p} is in {root}, {what}; this reader takes upstream safetensors only: load it with "
+            f"LensPipeline.from_pretrained('{root}') or lens_jax.weights.orbax_io.load_component('{root}', 'transformer', "
+            "dtype), or pass the PyTorch transformer/ folder it was converted from."
+        )
     config = folder / "config.json"
     if not config.exists():
         raise CheckpointError(

@@ -61,6 +61,7 @@ __all__ = [
     "check_component",
     "QUANTIZED_FORMAT_VERSION",
     "stored_quantize",
+    "find_converted",
 ]
 
 FORMAT = "lens-jax-orbax"
@@ -316,6 +317,19 @@ def is_converted(root: str | Path) -> bool:
         return json.loads(p.read_text()).get("format") == FORMAT
     except (json.JSONDecodeError, AttributeError):
         return False
+
+
+def find_converted(path: str | Path) -> tuple[Path, str] | None:
+    """(root, description) when `path` is a conversion output or a folder/file inside one, else None;
+    the description names the format, dtype and DiT quantisation (for "this is not what I read" errors)."""
+    p = Path(path)
+    for root in (p, *p.parents[:3]):
+        if is_converted(root):
+            m = json.loads((root / MANIFEST).read_text())
+            quantised = (m.get("components", {}).get("transformer") or {}).get("quantize")
+            return root, (f"a lens-jax conversion output (orbax, {m.get('dtype')}"
+                          f"{f', DiT quantised {quantised}' if quantised else ''})")
+    return None
 
 
 def read_manifest(root: str | Path) -> dict:
