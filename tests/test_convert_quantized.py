@@ -84,6 +84,21 @@ def test_bf16_conversion_quantises_the_bf16_weights(tmp_path, mode):
     assert_same_params(stored, quant.quantize_params(_dit(tmp_path / "plain", jnp.bfloat16), mode))
 
 
+@pytest.mark.parametrize("mode", quant.MODES)
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_numpy_and_jax_quantisation_give_the_same_bits(mode, dtype):
+    # conversion quantises numpy leaves with numpy, the pipeline device arrays with jax (eager or jitted)
+    w = (np.random.default_rng(0).standard_normal((96, 3, 200)) * 0.02).astype(dtype)
+    w[:, 1, 7] = 0  # an all-zero output channel (scale 1)
+    host = quant.quantize_kernel(w, (0,), mode)
+    eager = quant.quantize_kernel(jnp.asarray(w), (0,), mode)
+    jitted = jax.jit(quant.quantize_kernel, static_argnums=(1, 2))(jnp.asarray(w), (0,), mode)
+    assert isinstance(host[0], np.ndarray) and host[0].dtype == DTYPES[mode]
+    for other in (eager, jitted):
+        np.testing.assert_array_equal(host[0].view(np.uint8), np.asarray(other[0]).view(np.uint8))
+        np.testing.assert_array_equal(host[1], np.asarray(other[1]))
+
+
 def test_layer_table_matches_the_stacked_table():
     table = quant.layer_table()
     assert len(table) == len(quant.DIT_QUANTISED)

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from ..errors import InputError
@@ -51,15 +52,23 @@ def check_mode(mode: str | None) -> str | None:
 
 
 def quantize_kernel(kernel: jax.Array, contracted: tuple[int, ...], mode: str) -> tuple[jax.Array, jax.Array]:
-    """(quantised kernel, float32 scale) with one scale per output channel (absmax over `contracted`)."""
-    w = kernel.astype(jnp.float32)
+    """(quantised kernel, float32 scale) with one scale per output channel (absmax over `contracted`).
+
+    A numpy kernel is quantised with numpy on the host (a conversion: no device buffers, no
+    allocator growth), a jax one with jax; the same IEEE float32 operations (round half to even,
+    the same float8 rounding through ml_dtypes), so both give the same bits (tested)."""
+    xp = np if isinstance(kernel, np.ndarray) else jnp
+    w = xp.asarray(kernel).astype(np.float32)
     top = {"int8": INT8_MAX, "fp8": FP8_MAX}[check_mode(mode)]
-    scale = jnp.max(jnp.abs(w), axis=contracted, keepdims=True) / top
-    scale = jnp.where(scale > 0, scale, 1.0)
+    # Products with float32 reciprocals, not divisions: XLA rewrites x / constant and x / broadcast(s)
+    # into x * (1 / ...) itself, so numpy must spell out the same operations to give the same bits.
+    scale = xp.max(xp.abs(w), axis=contracted, keepdims=True) * xp.float32(1.0 / top)
+    scale = xp.where(scale > 0, scale, xp.float32(1.0))
+    scaled = w * (xp.float32(1.0) / scale)
     if mode == "int8":
-        q = jnp.clip(jnp.round(w / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+        q = xp.clip(xp.round(scaled), -INT8_MAX, INT8_MAX).astype(np.int8)
     else:
-        q = (w / scale).astype(FP8)
+        q = scaled.astype(FP8)
     return q, scale
 
 
