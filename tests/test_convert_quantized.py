@@ -191,6 +191,9 @@ def test_readers_that_cannot_take_a_quantised_checkpoint_say_so(outputs, capsys)
     assert lens_jax_main(["parity", "--model", str(outputs["int8"])]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "DiT quantised int8" in err and "converted from" in err
+    with pytest.raises(CheckpointError, match=r"quantised \(int8\); PyTorch export needs float weights"):
+        T.export_comfy(_dit(outputs["int8"]), outputs["int8"].parent / "never.safetensors")
+    assert not (outputs["int8"].parent / "never.safetensors").exists()
     # the orbax reader, asked for float kernels where int8 ones are stored, refuses instead of reading them unscaled
     config = dit_model.TransformerConfig.from_json(outputs["int8"] / "transformer" / "config.json")
     abstract = jax.eval_shape(lambda: dit_model.init_params(config, jax.random.key(0), jnp.float32))
