@@ -17,6 +17,7 @@ exactly those the real checkpoints use):
   python scripts/benchmark_convert.py --model dit --layers 14            # 2.4 GB bf16 DiT, full width
   python scripts/benchmark_convert.py --model text_encoder --layers 4    # 2.8 GB GPT-OSS-20B widths, MXFP4
   python scripts/benchmark_convert.py --model text_encoder --layers 4 --keep-mxfp4
+  python scripts/benchmark_convert.py --model dit --layers 48 --quantize int8   # the real DiT, stored int8
 """
 
 from __future__ import annotations
@@ -218,6 +219,7 @@ def main() -> int:
                                                              "text_encoder 4: both > 2 GB)")
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16", help="dtype written by the conversion")
     p.add_argument("--keep-mxfp4", action="store_true", help="text encoder: keep the experts packed")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None, help="dit: store it quantised")
     p.add_argument("--workdir", default=None, help="where to write the synthetic checkpoint and the output "
                                                   "(default: a fresh temporary folder, removed at the end)")
     p.add_argument("--keep-files", action="store_true", help="do not delete the work folder")
@@ -234,12 +236,14 @@ def main() -> int:
         cmd = ["--src", str(root / "src"), "--dst", str(out), "--dtype", args.dtype, "--no-progress", *extra]
         if args.keep_mxfp4:
             cmd.append("--keep-mxfp4")
+        if args.quantize:
+            cmd += ["--quantize", args.quantize]
         r = run_convert(cmd)
         manifest = json.loads((out / "manifest.json").read_text())
         component, entry = next(iter(manifest["components"].items()))
         head, layer = piece_sizes(out / entry["params"], entry["stacked_key"])
         report = {
-            "model": args.model, "layers": layers, "dtype": args.dtype, "keep_mxfp4": args.keep_mxfp4,
+            "model": args.model, "layers": layers, "dtype": args.dtype, "keep_mxfp4": args.keep_mxfp4, "quantize": args.quantize,
             "source_GiB": round(size / 2**30, 3),
             "output_GiB": round(du(out) / 2**30, 3),
             "param_GiB": round(entry["param_bytes"] / 2**30, 3),

@@ -66,7 +66,11 @@ def test_which_linears_are_quantised(tr, mode, dtype):
         if key.rsplit(".", 1)[0] not in scaled:
             assert flat[key] is value, key
     assert flat["transformer_blocks.img_mod.kernel"].dtype == orig["transformer_blocks.img_mod.kernel"].dtype
-    assert quant.quantize_params(q, "int8")["transformer_blocks"]["img_mlp"]["w1"]["kernel"].dtype == dtype  # idempotent
+    again = quant.quantize_params(q, mode)  # idempotent in the same mode, refused in the other
+    assert again["transformer_blocks"]["img_mlp"]["w1"]["kernel"] is flat["transformer_blocks.img_mlp.w1.kernel"]
+    assert quant.params_mode(q) == mode and quant.params_mode(tr.params) is None
+    with pytest.raises(InputError, match=f"already quantised as {mode}"):
+        quant.quantize_params(q, "fp8" if mode == "int8" else "int8")
 
 
 def test_int8_matmul_equals_dequantised_kernel(tr):

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from ..errors import InputError
@@ -51,15 +52,23 @@ def check_mode(mode: str | None) -> str | None:
 
 
 def quantize_kernel(kernel: jax.Array, contracted: tuple[int, ...], mode: str) -> tuple[jax.Array, jax.Array]:
-    """(quantised kernel, float32 scale) with one scale per output channel (absmax over `contracted`)."""
-    w = kernel.astype(jnp.float32)
+    """(quantised kernel, float32 scale) with one scale per output channel (absmax over `contracted`).
+
+    A numpy kernel is quantised with numpy on the host (a conversion: no device buffers, no
+    allocator growth), a jax one with jax; the same IEEE float32 operations (round half to even,
+    the same float8 rounding through ml_dtypes), so both give the same bits (tested)."""
+    xp = np if isinstance(kernel, np.ndarray) else jnp
+    w = xp.asarray(kernel).astype(np.float32)
     top = {"int8": INT8_MAX, "fp8": FP8_MAX}[check_mode(mode)]
-    scale = jnp.max(jnp.abs(w), axis=contracted, keepdims=True) / top
-    scale = jnp.where(scale > 0, scale, 1.0)
+    # Products with float32 reciprocals, not divisions: XLA rewrites x / constant and x / broadcast(s)
+    # into x * (1 / ...) itself, so numpy must spell out the same operations to give the same bits.
+    scale = xp.max(xp.abs(w), axis=contracted, keepdims=True) * xp.float32(1.0 / top)
+    scale = xp.where(scale > 0, scale, xp.float32(1.0))
+    scaled = w * (xp.float32(1.0) / scale)
     if mode == "int8":
-        q = jnp.clip(jnp.round(w / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+        q = xp.clip(xp.round(scaled), -INT8_MAX, INT8_MAX).astype(np.int8)
     else:
-        q = (w / scale).astype(FP8)
+        q = scaled.astype(FP8)
     return q, scale
 
 
@@ -114,8 +123,13 @@ def _quantised_linears(params: Params, table) -> dict[str, tuple[int, ...]]:
 def quantize_params(params: Params, mode: str, table=DIT_QUANTISED) -> Params:
     """A copy of `params` with the Linears matched by `table` quantised (kernel + kernel_scale).
 
-    Linears that are already quantised are kept as they are."""
+    Linears already quantised in `mode` (e.g. restored from a quantised conversion) are kept as
+    they are; params quantised in the other mode are refused (re-quantising would compound errors)."""
     check_mode(mode)
+    have = params_mode(params)
+    if have is not None and have != mode:
+        raise InputError(f"the DiT parameters are already quantised as {have}; quantize={mode!r} cannot be applied on "
+                         f"top: use quantize={have!r} (or None), or start from unquantised weights.")
     flat = dict(traverse_util.flatten_dict(params, sep="."))
     for lin, contracted in _quantised_linears(params, table).items():
         if f"{lin}.{SCALE}" in flat:
@@ -133,3 +147,28 @@ def quantized_axes(axes: Params, params: Params) -> Params:
             kernel_axes = flat_axes[path[: -len(SCALE)] + "kernel"]
             flat_axes[path] = tuple(None if n == 1 else a for a, n in zip(kernel_axes, leaf.shape))
     return traverse_util.unflatten_dict(flat_axes, sep=".")
+
+
+def params_mode(params: Params) -> str | None:
+    """The mode ("int8" / "fp8") a parameter tree is quantised in, None when it holds no quantised Linear.
+
+    Works on arrays and on abstract (`jax.ShapeDtypeStruct`) leaves."""
+    flat = traverse_util.flatten_dict(params, sep=".")
+    modes = {_KERNEL_MODES.get(jnp.dtype(flat[p[: -len(SCALE)] + "kernel"].dtype)) for p in flat if p.endswith("." + SCALE)}
+    if len(modes) > 1 or None in modes:
+        raise InputError(f"the DiT parameters mix quantised kernel dtypes ({sorted(map(str, modes))}); "
+                         "convert the checkpoint again.")
+    return modes.pop() if modes else None
+
+
+_KERNEL_MODES = {jnp.dtype(jnp.int8): "int8", jnp.dtype(FP8): "fp8"}
+
+
+def layer_table(table=DIT_QUANTISED, stacked_key: str = "transformer_blocks"):
+    """`table` for ONE layer of the stacked subtree `stacked_key` (a conversion writes layer by
+    layer): the entries under it, without the `stacked_key.` prefix and with the contracted axes
+    shifted down by one (no leading layer axis). Per-output-channel scales never span layers, so
+    quantising each layer with this table gives exactly the slices of `quantize_params` on the stack."""
+    head = re.escape(stacked_key) + r"\."
+    return tuple((pattern[len(head):], tuple(a - 1 for a in axes)) for pattern, axes in table
+                 if pattern.startswith(head))

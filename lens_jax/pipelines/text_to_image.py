@@ -33,7 +33,7 @@ from ..parallel import offload as offload_lib
 from ..sampling import sampler as sampler_lib
 from ..sampling.resolution import PIXELS_PER_TOKEN, resolve_size
 from ..sampling.scheduler import SchedulerConfig, schedule
-from ..weights import hub, registry
+from ..weights import hub, orbax_io, registry
 from ..errors import InputError
 from . import components as components_lib
 from . import img2img as img2img_lib
@@ -127,7 +127,7 @@ class LensPipeline:
         # None: on (in ~/.cache/lens-jax/xla) unless LENS_JAX_COMPILATION_CACHE=off; False: off; a path.
         self.compilation_cache = enable_compilation_cache(compilation_cache)
         # "int8" (weight-only) or "fp8" (e4m3 weights and activations) DiT; img_mod/txt_mod stay as they are.
-        self.quantize = quant.check_mode(quantize)
+        self.quantize = quant.check_mode(quantize) or quant.params_mode(transformer.params)  # or as restored
         if quantize is not None:
             transformer = components_lib.Component(transformer.config, quant.quantize_params(transformer.params, quantize))
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -194,11 +194,15 @@ class LensPipeline:
         sets the default steps/guidance (otherwise upstream's call defaults, 50 and 4.0).
         offload: 'none' | 'text_encoder' | 'all' | 'auto' (`lens_jax.parallel.offload`): stream the
         text encoder's layers, or the DiT's blocks too, from pinned host memory.
-        quantize: None | "int8" (weight-only) | "fp8" (e4m3 weights and activations) for the DiT.
+        quantize: None | "int8" (weight-only) | "fp8" (e4m3 weights and activations) for the DiT. A
+        checkpoint converted with `--quantize` is restored quantised as stored (None or its own mode;
+        another mode is an error).
         """
         quant.check_mode(quantize)
         enable_compilation_cache(compilation_cache)  # before loading compiles anything
         root = hub.resolve_checkpoint(path_or_repo_id, revision=revision)
+        if orbax_io.is_converted(root):  # `convert --quantize` output: None = as stored, another mode is refused
+            quantize = orbax_io.stored_quantize(root, quantize) or quantize
         dtype = resolve_dtype(dtype)
         mesh = mesh if mesh is not None else parallel.make_mesh()
         if offload == "auto":

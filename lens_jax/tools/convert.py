@@ -3,6 +3,7 @@
     python -m convert --src PATH_OR_HUB_ID --dst OUT [--dtype bf16|f32]
         [--components transformer,text_encoder,vae] [--keep-mxfp4]
         [--transformer FILE] [--vae FILE] [--text-encoder DIR] [--overwrite] [--verify]
+        [--quantize int8|fp8]
 
 Sources. `--src` is a Lens diffusers folder (or a hub id resolved to its local snapshot): the
 components come from its `transformer/`, `vae/` and `text_encoder/` unless `--transformer`,
@@ -17,6 +18,12 @@ ones).
 Output: see `convert/orbax_io.py` (one orbax checkpoint per component, configs, tokenizer,
 scheduler, model_index.json, manifest.json). Everything is written into a temporary folder
 beside `--dst` and renamed at the end; a failure or an interrupt leaves neither.
+
+`--quantize int8|fp8` stores the DiT quantised (`lens_jax.models.quant`: int8 or e4m3 kernels +
+float32 `kernel_scale` leaves for the Linears in the blocks; the modulation and the small Linears
+stay in --dtype). Each block is quantised as it is read, so host memory holds one block in --dtype
+plus its quantised copy, never the whole DiT. The manifest records the mode; from_pretrained
+restores the quantised leaves directly.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ import numpy as np
 from .. import configs
 from ..errors import CheckpointError, ConvertError
 from ..weights import layouts, registry
-from ..weights.orbax_io import FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR, param_files, save_streamed, stream_params
+from ..weights.orbax_io import (FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR, QUANTIZED_FORMAT_VERSION, param_files,
+                                save_streamed, stream_params)
 from ..weights.safetensors_io import SafetensorsReader, open_checkpoint
 from . import interrupts
 
@@ -69,16 +77,38 @@ class Job:
     stacked_key: str | None = None
     what: str = ""
     load_source: Callable[[], Any] | None = field(default=None, repr=False)  # the component module's own loader
+    quantize: str | None = None  # transformer: store the DiT quantised ("int8" / "fp8")
 
     def pieces(self):
-        return stream_params(self.reader, self.rules, self.expected, stacked_key=self.stacked_key,
-                             source_prefix=self.layout.prefix, ignore=self.ignore, what=self.what)
+        pieces = stream_params(self.reader, self.rules, self.expected, stacked_key=self.stacked_key,
+                               source_prefix=self.layout.prefix, ignore=self.ignore, what=self.what)
+        return pieces if self.quantize is None else quantized_pieces(pieces, self.quantize, self.stacked_key)
 
     def check(self) -> None:
         from ..weights.mapping import check_state_dict
 
         check_state_dict(self.reader, self.rules, self.expected, source_prefix=self.layout.prefix,
                          ignore=self.ignore, what=self.what)
+
+
+def quantized_pieces(pieces, mode: str, stacked_key: str | None):
+    """`stream_params` pieces with the DiT's Linears quantised piece by piece (numpy leaves).
+
+    A per-layer piece `{stacked_key: {"i": layer}}` is quantised with `quant.layer_table`, which
+    gives bit for bit the layer-i slices of `quant.quantize_params` on the stacked DiT."""
+    import jax
+
+    from ..models import quant
+
+    layer_table = quant.layer_table(quant.DIT_QUANTISED, stacked_key) if stacked_key else ()
+    for piece in pieces:
+        out = {k: v for k, v in piece.items() if k != stacked_key}
+        out = quant.quantize_params(out, mode) if out else out
+        if stacked_key in piece:
+            out[stacked_key] = {i: quant.quantize_params(layer, mode, layer_table)
+                                for i, layer in piece[stacked_key].items()}
+        del piece
+        yield jax.tree.map(np.asarray, out)
 
 
 def _packaged(name: str) -> Path:
@@ -303,6 +333,8 @@ def write_component(job: Job, out: Path, progress: bool, between: Callable[[], N
     if job.component == "text_encoder":
         entry["keep_mxfp4"] = job.keep_mxfp4
         entry["lm_head"] = job.lm_head
+    if job.component == "transformer":
+        entry["quantize"] = job.quantize
     return entry
 
 
@@ -346,6 +378,10 @@ def verify(job: Job, out: Path, dtype) -> float:
     got = [np.asarray(x) for x in registry.component(job.component).verify_forward(job.config, converted, dtype)]
     del converted
     source = jax.tree.map(jax.numpy.asarray, job.load_source())
+    if job.quantize is not None:  # the stored quantised DiT against the source quantised in memory
+        from ..models import quant
+
+        source = quant.quantize_params(source, job.quantize)
     ref = [np.asarray(x) for x in registry.component(job.component).verify_forward(job.config, source, dtype)]
     del source
     if len(got) != len(ref):
@@ -380,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dst (a previous conversion)")
     p.add_argument("--verify", action="store_true",
                    help="reload the output and compare a forward pass of each component with the source")
+    p.add_argument("--quantize", default=None, choices=["int8", "fp8"],
+                   help="store the DiT quantised: int8 weight-only or fp8 (e4m3) kernels with per-channel scales "
+                        "(img_mod/txt_mod and the small Linears stay in --dtype); see docs/quantization.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -431,6 +470,9 @@ def run(args) -> int:
         base = resolve_checkpoint(args.src)
     if args.keep_mxfp4 and "text_encoder" not in components:
         _log("note: --keep-mxfp4 has no effect without the text_encoder component.")
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None and "transformer" not in components:
+        raise ConvertError(f"--quantize {quantize} quantises the DiT; add transformer to --components or drop --quantize.")
 
     given = {"transformer": args.transformer, "vae": args.vae, "text_encoder": args.text_encoder}
     sources = {c: _component_source(c, given[c], base) for c in components}
@@ -440,6 +482,7 @@ def run(args) -> int:
     for c in components:
         if c == "transformer":
             jobs.append(plan_transformer(sources[c], base, dtype))
+            jobs[-1].quantize = quantize
         elif c == "vae":
             jobs.append(plan_vae(sources[c], base, dtype))
         else:
@@ -468,7 +511,8 @@ def run(args) -> int:
         # reported as "nothing was written".
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        _log(f"wrote {dst} ({', '.join(components)}; {dtype})")
+        _log(f"wrote {dst} ({', '.join(components)}; {dtype}"
+             f"{'' if quantize is None else f'; DiT quantised {quantize}'})")
     return 0
 
 
@@ -480,14 +524,16 @@ def _write_all(args, jobs, support, components, base, dtype, dst: Path, tmp: Pat
                for job in jobs}
     check()
     files = write_support(support, tmp)
+    quantize = getattr(args, "quantize", None)
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if quantize is None else QUANTIZED_FORMAT_VERSION,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": args.src,
         "source_resolved": None if base is None else str(base.resolve()),
         "dtype": str(dtype),
         "keep_mxfp4": bool(args.keep_mxfp4 and "text_encoder" in components),
+        "quantize": quantize,
         "components": entries,
         "files": files,
         "versions": _versions(),

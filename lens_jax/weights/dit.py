@@ -11,6 +11,7 @@ import numpy as np
 
 from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, to_state_dict, unflatten
 from ..errors import CheckpointError
+from ..models import quant
 from ..models.dtypes import resolve_dtype
 from ..models.transformer import LensTransformer, TransformerConfig, init_params
 from .safetensors_io import SafetensorsReader, open_checkpoint
@@ -80,6 +81,10 @@ def to_torch_state_dict(params, config: TransformerConfig | None = None) -> dict
     `transformer_blocks.{i}.*`. Leaves keep their dtype. `config` is accepted for symmetry
     with `load` (the tree's shapes already say everything).
     """
+    mode = quant.params_mode(params)
+    if mode is not None:  # int8 / fp8 kernels without their scales would load as garbage upstream
+        raise CheckpointError(f"these DiT parameters are quantised ({mode}); PyTorch export needs float weights: export "
+                              "from a pipeline loaded without quantize= from an unquantised checkpoint.")
     host = jax.tree.map(np.asarray, params)
     heads = host["transformer_blocks"]["attn"]["img_qkv"]["kernel"].shape[-2]
     if config is not None and config.num_attention_heads != heads:
@@ -102,6 +107,16 @@ def _weights_and_config(path: str | os.PathLike) -> tuple[Path, Path]:
     if not p.exists():
         raise CheckpointError(f"transformer path {p} does not exist.")
     folder = p if p.is_dir() else p.parent
+    from .orbax_io import find_converted  # here: orbax_io imports the registry, which imports the models
+
+    converted = find_converted(folder)
+    if converted is not None:
+        root, what = converted
+        raise CheckpointError(
+            f"{p} is in {root}, {what}; this reader takes upstream safetensors only: load it with "
+            f"LensPipeline.from_pretrained('{root}') or lens_jax.weights.orbax_io.load_component('{root}', 'transformer', "
+            "dtype), or pass the PyTorch transformer/ folder it was converted from."
+        )
     config = folder / "config.json"
     if not config.exists():
         raise CheckpointError(

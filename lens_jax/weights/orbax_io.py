@@ -37,6 +37,7 @@ import numpy as np
 from flax import traverse_util
 
 from .. import parallel
+from ..models import quant
 from ..parallel import offload
 from ..errors import ConvertedCheckpointError
 from . import registry
@@ -58,10 +59,17 @@ __all__ = [
     "check_components",
     "load_component",
     "check_component",
+    "QUANTIZED_FORMAT_VERSION",
+    "stored_quantize",
+    "find_converted",
 ]
 
 FORMAT = "lens-jax-orbax"
 FORMAT_VERSION = 2  # 2: the DiT's fused qkv kernels stored as [d, 3, inner]
+# Written instead of FORMAT_VERSION by a conversion with a quantised DiT (`convert --quantize`), so
+# that a lens-jax from before quantised checkpoints refuses it ("written by a newer lens-jax")
+# rather than reading int8 kernels as floats; unquantised outputs keep version 2. Readers accept both.
+QUANTIZED_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
 
@@ -208,7 +216,7 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
 
     rest: list[tuple[tuple[str, ...], jax.ShapeDtypeStruct]] = []
     stacked: list[tuple[int, tuple[str, ...], jax.ShapeDtypeStruct, Any]] = []
-    problems = []
+    problems, quantized = [], []
     for n, ((kp, leaf), sharding) in enumerate(zip(leaves, sharding_leaves)):
         key = _path_tuple(kp)
         shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype)
@@ -219,16 +227,26 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
                 if got is None or got[0] != shape[1:]:
                     problems.append(f"{'/'.join((stacked_key, str(i), *inner))}: expected {list(shape[1:])}, "
                                     f"found {'nothing' if got is None else list(got[0])}")
+                elif _cast_loses(got[1], dtype):
+                    quantized.append("/".join((stacked_key, str(i), *inner)))
             stacked.append((n, inner, leaf, sharding))
         else:
             got = stored.get(key)
             if got is None or got[0] != shape:
                 problems.append(f"{'/'.join(key)}: expected {list(shape)}, found {'nothing' if got is None else list(got[0])}")
+            elif _cast_loses(got[1], dtype):
+                quantized.append("/".join(key))
             rest.append((n, key, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)))
     if problems:
         raise ConvertedCheckpointError(
             f"{what} at {path} does not match its config.json ({len(problems)} problems, first: {problems[0]}); "
             f"{_REDO}"
+        )
+    if quantized:
+        raise ConvertedCheckpointError(
+            f"{what} at {path} stores quantised kernels ({quantized[0]}: {_stored_dtype_name(stored, quantized[0])}) "
+            "that this reader would load as floats without their scales; restore it with "
+            "`orbax_io.load_component` / `LensPipeline.from_pretrained`, which read the quantisation from the manifest."
         )
 
     ctx = ocp.Context()
@@ -251,6 +269,15 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
             out[n] = _stacker(sharding)(*pieces)
             del pieces
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _cast_loses(stored: np.dtype, wanted: np.dtype) -> bool:
+    # An int8 / float8 leaf read into a float leaf is a quantised kernel read without its scale.
+    return stored in (np.dtype(np.int8), np.dtype(quant.FP8)) and stored != wanted
+
+
+def _stored_dtype_name(stored: dict, key: str) -> str:
+    return str(stored[tuple(key.split("/"))][1])
 
 
 def _load(ocp, path: Path, tree, what: str):
@@ -292,6 +319,19 @@ def is_converted(root: str | Path) -> bool:
         return False
 
 
+def find_converted(path: str | Path) -> tuple[Path, str] | None:
+    """(root, description) when `path` is a conversion output or a folder/file inside one, else None;
+    the description names the format, dtype and DiT quantisation (for "this is not what I read" errors)."""
+    p = Path(path)
+    for root in (p, *p.parents[:3]):
+        if is_converted(root):
+            m = json.loads((root / MANIFEST).read_text())
+            quantised = (m.get("components", {}).get("transformer") or {}).get("quantize")
+            return root, (f"a lens-jax conversion output (orbax, {m.get('dtype')}"
+                          f"{f', DiT quantised {quantised}' if quantised else ''})")
+    return None
+
+
 def read_manifest(root: str | Path) -> dict:
     p = Path(root) / MANIFEST
     try:
@@ -307,7 +347,7 @@ def read_manifest(root: str | Path) -> dict:
             f"{root} was written by an older lens-jax (format version {manifest.get('format_version')}, now "
             f"{FORMAT_VERSION}); convert the PyTorch checkpoint again with `lens-jax convert`."
         )
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    if int(manifest.get("format_version", 0)) > QUANTIZED_FORMAT_VERSION:
         raise ConvertedCheckpointError(
             f"{root} was written by a newer lens-jax (format version {manifest['format_version']}); upgrade lens-jax."
         )
@@ -338,6 +378,34 @@ def text_encoder_packed(root: Path, manifest: dict, keep_mxfp4: bool | None) -> 
     return packed
 
 
+def stored_quantize(root: str | Path, quantize: str | None = None, manifest: dict | None = None) -> str | None:
+    """The quantisation the converted DiT was stored with (None: unquantised), after checking `quantize`.
+
+    `quantize=None` means "as stored"; a mode equal to the stored one is fine; another mode on a
+    quantised checkpoint is refused (the float weights are gone). On an unquantised checkpoint any
+    mode is accepted: the caller quantises after loading."""
+    quant.check_mode(quantize)
+    manifest = read_manifest(root) if manifest is None else manifest
+    stored = (manifest.get("components", {}).get("transformer") or {}).get("quantize")
+    if stored is not None and stored not in quant.MODES:
+        raise ConvertedCheckpointError(f"{root}: unknown DiT quantisation {stored!r} in {MANIFEST}; {_REDO}")
+    if stored is not None and quantize is not None and quantize != stored:
+        raise ConvertedCheckpointError(
+            f"{root} stores the DiT quantised as {stored} but quantize={quantize!r} was asked; load with "
+            f"quantize={stored!r} or None (as stored), or convert again with `--quantize {quantize}` (or without "
+            "--quantize to keep float weights)."
+        )
+    return stored
+
+
+def _quantized(abstract, axes, mode: str | None):
+    """(abstract, axes) of the params as stored quantised in `mode` (unchanged when None)."""
+    if mode is None:
+        return abstract, axes
+    abstract = jax.eval_shape(lambda a: quant.quantize_params(a, mode), abstract)
+    return abstract, None if axes is None else quant.quantized_axes(axes, abstract)
+
+
 def check_components(root: str | Path, names: Sequence[str] = tuple(COMPONENTS)) -> dict:
     """The manifest of `root` after checking that it holds `names`, a tokenizer and a scheduler."""
     root = Path(root)
@@ -352,7 +420,7 @@ def check_components(root: str | Path, names: Sequence[str] = tuple(COMPONENTS))
 
 def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: bool = True,
                    keep_mxfp4: bool | None = None, num_layers: int | None = None, rules=None,
-                   layers_on_host: bool = False, lm_head: bool = False):
+                   layers_on_host: bool = False, lm_head: bool = False, quantize: str | None = None):
     """(config, params) of one converted component; params placed on `mesh` (default: first device).
 
     dtype: the parameter dtype to restore into (leaves the model keeps in float32, such as the
@@ -363,7 +431,9 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
     encoder): restore only the first decoder layers. `layers_on_host`: the stacked layers go to
     pinned host memory (streamed offload, `lens_jax.parallel.offload`), never through the device.
     `lm_head` (text encoder): also restore the final norm and the LM head (the conversion must
-    have stored them).
+    have stored them). `quantize` (transformer): None = as converted (a `convert --quantize` output
+    restores its int8 / fp8 kernels and kernel_scale leaves, sharded by `quant.quantized_axes`, never
+    a float copy); a mode contradicting a quantised conversion is an error (`stored_quantize`).
     """
     spec = registry.component(component)
     root = Path(root)
@@ -380,11 +450,12 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
                     "text generation (the prompt reasoner) needs; convert it again with this lens-jax version."
                 )
             options["lm_head"] = True
-    abstract = spec.abstract_params(config, dtype, **options)
+    mode = stored_quantize(root, quantize, manifest) if component == "transformer" else None
+    abstract, _ = _quantized(spec.abstract_params(config, dtype, **options), None, mode)
     if mesh is None:
         shardings = None
     elif fsdp:
-        axes = spec.param_axes(config, **options)
+        _, axes = _quantized(spec.abstract_params(config, dtype, **options), spec.param_axes(config, **options), mode)
         shardings = parallel.logical_shardings(abstract, axes, mesh, rules or parallel.DEFAULT_RULES)
     else:
         shardings = parallel.replicated_shardings(abstract, mesh)
@@ -398,7 +469,7 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
 
 
 def check_component(root: str | Path, component: str, dtype, *, keep_mxfp4: bool | None = None,
-                    num_layers: int | None = None) -> None:
+                    num_layers: int | None = None, quantize: str | None = None) -> None:
     """Check one converted component without reading its parameters: manifest entry, config, the
     orbax metadata and every stored leaf's shape against the config (what `load_component` needs)."""
     spec = registry.component(component)
@@ -409,7 +480,8 @@ def check_component(root: str | Path, component: str, dtype, *, keep_mxfp4: bool
     options = {}
     if component == "text_encoder":
         options = {"packed": text_encoder_packed(root, manifest, keep_mxfp4), "num_layers": num_layers}
-    abstract = spec.abstract_params(config, dtype, **options)
+    mode = stored_quantize(root, quantize, manifest) if component == "transformer" else None
+    abstract, _ = _quantized(spec.abstract_params(config, dtype, **options), None, mode)
     path = root / component / PARAMS_DIR
     what = f"converted {component}"
     check_files(path, what, manifest["components"][component].get("param_files"))

@@ -95,6 +95,12 @@ def run(args) -> int:
     from . import components as comp
 
     model = Path(args.model)
+    from ...weights.orbax_io import find_converted
+
+    converted = find_converted(model)
+    if converted is not None:  # e.g. a `convert --quantize` output: no PyTorch weights to compare against
+        raise InputError(f"--model {model} is {converted[1]}; parity compares PyTorch weights with their JAX port, so "
+                         "give the diffusers/PyTorch folder it was converted from.")
     if not (model / "model_index.json").exists() and not any((model / c).is_dir() for c in ("transformer", "vae")):
         raise InputError(f"--model {model}: not a Lens checkpoint folder (no model_index.json); give the checkpoint root.")
     opts = comp.Options(model=model, dtype=args.dtype, size=parse_size(args.size), prompt=args.prompt,
