@@ -102,3 +102,13 @@ def test_vae_tiling_auto_follows_free_memory(monkeypatch):
     assert offload.decode_fits(1024 * 1024, 1) and not offload.decode_fits(1440 * 1440, 1)
     monkeypatch.setattr(offload, "free_device_bytes", lambda: None)
     assert offload.decode_fits(2080 * 1040, 4)
+
+
+def test_auto_sizes_a_quantised_dit_as_quantised():
+    from lens_jax.pipelines import components
+
+    dense, te, _ = components.estimate_bytes(TINY, np.float32)
+    for mode in ("int8", "fp8"):
+        quantised, te_q, _ = components.estimate_bytes(TINY, np.float32, quantize=mode)
+        assert te_q == te
+        assert quantised < 0.75 * dense, (mode, quantised, dense)

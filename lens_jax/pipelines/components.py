@@ -20,6 +20,7 @@ from .. import configs, parallel
 from ..parallel import offload
 from ..parallel.offload import streams
 from ..models import gpt_oss_decode as decode_lib
+from ..models import quant
 from ..models import text_encoder as te_lib
 from ..models import transformer as dit
 from ..models import vae as vae_lib
@@ -137,13 +138,18 @@ def tree_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def estimate_bytes(root: Path, dtype, keep_mxfp4: bool | None = None) -> tuple[int, int, int]:
-    """(DiT, text encoder, activations) bytes on the device for a checkpoint root, from its configs alone."""
+def estimate_bytes(root: Path, dtype, keep_mxfp4: bool | None = None,
+                   quantize: str | None = None) -> tuple[int, int, int]:
+    """(DiT, text encoder, activations) bytes on the device for a checkpoint root, from its configs alone
+    (the DiT as `quant.quantize_params` holds it when `quantize` is a mode)."""
     dit_config = dit.TransformerConfig.from_json(Path(root) / "transformer" / "config.json")
     te_config = te_lib.TextEncoderConfig.from_json(Path(root) / "text_encoder" / "config.json")
     needed = max(dit_config.selected_layer_index) + 1
     packed = te_config.quant_method == "mxfp4" if keep_mxfp4 is None else keep_mxfp4
-    dit_bytes = tree_bytes(jax.eval_shape(lambda: dit.init_params(dit_config, jax.random.key(0), dtype)))
+    dit_shapes = jax.eval_shape(lambda: dit.init_params(dit_config, jax.random.key(0), dtype))
+    if quantize is not None:
+        dit_shapes = jax.eval_shape(functools.partial(quant.quantize_params, mode=quantize), dit_shapes)
+    dit_bytes = tree_bytes(dit_shapes)
     te_bytes = tree_bytes(jax.eval_shape(lambda: te_lib.init_params(te_config.truncated(needed), jax.random.key(0), dtype,
                                                               packed=packed)))
     return dit_bytes, te_bytes, 4 * 2**30  # activations: a generous bound for 1440^2 with CFG in bf16

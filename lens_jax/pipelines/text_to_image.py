@@ -206,7 +206,8 @@ class LensPipeline:
         dtype = resolve_dtype(dtype)
         mesh = mesh if mesh is not None else parallel.make_mesh()
         if offload == "auto":
-            offload = offload_lib.choose(offload, *components_lib.estimate_bytes(root, dtype, keep_mxfp4))
+            needed = components_lib.estimate_bytes(root, dtype, keep_mxfp4, quantize=quantize)
+            offload = offload_lib.choose(offload, *needed)
         offload_lib.check_mode(offload)
         parts = components_lib.load_components(root, dtype, keep_mxfp4=keep_mxfp4, mesh=mesh, fsdp=fsdp, rules=rules,
                                                offload=offload)
