@@ -73,9 +73,8 @@ def run(args) -> int:
     config = ServeConfig(max_batch=max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                          api_key=args.api_key or os.environ.get("LENS_JAX_API_KEY") or None,
                          timeout_s=args.timeout, model=model)
-    app = create_app(pipe, config,
-                     runner=batcher_lib.broadcast_runner(pipe, max_batch, loras) if multi else None,
-                     on_shutdown=batcher_lib.stop_followers if multi else None, loras=loras)
+    runner = batcher_lib.broadcast_runner(pipe, max_batch, loras) if multi else None
+    app = create_app(pipe, config, runner=runner, on_shutdown=runner.stop if multi else None, loras=loras)
     if loras is not None:
         print(f"lens-jax serve: {len(loras.files)} LoRAs from {args.lora_dir}: {', '.join(loras.names()) or 'none'}",
               file=sys.stderr)
