@@ -9,7 +9,7 @@ MODES is a comma-separated list, run in order in one process (one `jax.distribut
 - `bulk`: `lens-jax generate --prompts WORK/prompts.txt --out WORK/<who>/bulk`, then the same again (a rerun);
 - `serve`: process 0 serves the app in-process (its lifespan run, requests through httpx) and writes the
   answers' pixels to WORK/<who>/serve.npz; process 1 runs `lens-jax serve` (it follows process 0);
-- `train`: `lens-jax train WORK/train.json` into WORK/<who>/train (checkpoints there).
+- `train`: `lens-jax train WORK/train.json` into WORK/multi/train (both processes) or WORK/single/train.
 <who> is p0, p1 or single. Each of the two processes has 4 simulated CPU devices; `jax.distributed.initialize`
 joins them and JAX's CPU backend runs the cross-process collectives through gloo
 (`jax_cpu_collectives_implementation`); the mesh is (data=2, fsdp=4) across both. The reference process
@@ -143,8 +143,8 @@ def main(port: str, process_id: str, work: str, modes: str) -> None:
             bulk(work, f"{work}/{who}/bulk")
         elif mode == "serve":
             serve(work, f"{work}/{who}/serve.npz")
-        elif mode == "train":
-            train(work, f"{work}/{who}/train")
+        elif mode == "train":  # the two processes share one output folder (orbax writes one checkpoint)
+            train(work, f"{work}/{'single' if SINGLE else 'multi'}/train")
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     print(f"== done (at {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
