@@ -10,8 +10,10 @@ MODES is a comma-separated list, run in order in one process (one `jax.distribut
 - `serve`: process 0 serves the app in-process (its lifespan run, requests through httpx) and writes the
   answers' pixels to WORK/<who>/serve.npz; process 1 runs `lens-jax serve` (it follows process 0);
 - `train`: `lens-jax train WORK/train.json` into WORK/multi/train (both processes) or WORK/single/train.
-<who> is p0, p1 or single. Each of the two processes has 4 simulated CPU devices; `jax.distributed.initialize`
-joins them and JAX's CPU backend runs the cross-process collectives through gloo
+<who> is p0, p1 or single. Each of the two processes has 4 simulated CPU devices; they are joined as a user
+joins hosts: LENS_JAX_DISTRIBUTED=1 with JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID, read by `lens_jax.tools.runtime.init_distributed` (which `lens-jax` calls; the Python-API
+modes call it first), and JAX's CPU backend runs the cross-process collectives through gloo
 (`jax_cpu_collectives_implementation`); the mesh is (data=2, fsdp=4) across both. The reference process
 has one device. Every wait is bounded (the test bounds the processes too).
 """
@@ -44,6 +46,7 @@ def _cli(*argv: str) -> None:
 def generate(root: str, out: str) -> None:
     from lens_jax import LensPipeline, parallel
 
+    _join()
     if SINGLE:
         mesh = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
     else:
@@ -79,7 +82,7 @@ def serve(work: str, out: str) -> None:
     import base64
     import io
 
-    if jax.process_index() != 0:  # the follower: the real command, returns when process 0 shuts down
+    if not SINGLE and os.environ["JAX_PROCESS_ID"] != "0":  # the follower: the real command, returns at shutdown
         _cli("serve", "--model", f"{work}/converted", "--dtype", "f32", "--max-batch", "2", *MESH_FLAGS)
         print("serve: the follower returned", flush=True)
         return
@@ -93,6 +96,7 @@ def serve(work: str, out: str) -> None:
     from lens_jax.tools.serve.app import ServeConfig, create_app
 
     # What `lens-jax serve` builds on process 0 (lens_jax.tools.serve.run), served in-process.
+    _join()
     mesh = parallel.make_mesh(data=1 if SINGLE else 2)
     pipe, model = load_pipeline(f"{work}/converted", "lens", "f32", mesh)
     config = ServeConfig(max_batch=2, max_wait_ms=0, timeout_s=240, model=model)
@@ -122,17 +126,25 @@ def serve(work: str, out: str) -> None:
 def train(work: str, out: str) -> None:
     _cli("train", f"{work}/train.json", "--set", f"train.output_dir={out}",
          "--set", f"parallel.data={1 if SINGLE else 2}")
+    print(f"train: process {jax.process_index()} of {jax.process_count()}", flush=True)  # joined by the CLI
+
+
+def _join() -> None:
+    """Join the two-process job before using the Python API (the CLI joins by itself, from the environment)."""
+    from lens_jax.tools.runtime import init_distributed
+
+    assert init_distributed() is not SINGLE
+    if not SINGLE:
+        assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 
 
 def main(port: str, process_id: str, work: str, modes: str) -> None:
-    if not SINGLE:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                                   process_id=int(process_id), initialization_timeout=120)
-        assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+    if not SINGLE:  # what a user sets on each host; lens_jax.tools.runtime.init_distributed reads it
+        os.environ.update(LENS_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                          JAX_PROCESS_ID=process_id)
     if modes.endswith(".npy"):  # the original form: CONVERTED_ROOT OUT.npy
         return generate(work, modes)
-    who = "single" if SINGLE else f"p{jax.process_index()}"
+    who = "single" if SINGLE else f"p{process_id}"  # (no JAX call before the job is joined)
     os.makedirs(f"{work}/{who}", exist_ok=True)
     t0 = time.perf_counter()
     for mode in modes.split(","):

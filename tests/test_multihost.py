@@ -169,3 +169,15 @@ def test_broadcast_runner_stop_waits_for_the_batch_in_flight(monkeypatch):
     assert events == [jobs, "run", "ran", None]
     with pytest.raises(batcher_lib.Cancelled):
         runner(jobs, None)
+
+
+def test_init_distributed_only_when_asked(monkeypatch):
+    from lens_jax.errors import InputError
+    from lens_jax.tools.runtime import init_distributed
+
+    monkeypatch.delenv("LENS_JAX_DISTRIBUTED", raising=False)
+    assert init_distributed() is False
+    monkeypatch.setenv("LENS_JAX_DISTRIBUTED", "1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(InputError, match="JAX_NUM_PROCESSES='two' must be"):
+        init_distributed()

@@ -59,6 +59,7 @@ def restore(run_dir, dit):
 def test_two_process_training_equals_one_process_and_its_checkpoint_restores_in_one(runs):
     work, logs = runs
     multi, single = work / "multi" / "train", work / "single" / "train"
+    assert "train: process 0 of 2" in logs["p0"] and "train: process 1 of 2" in logs["p1"]  # joined by `lens-jax`
     for run in (multi, single):
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "3"]
         metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

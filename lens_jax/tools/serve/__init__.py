@@ -3,9 +3,9 @@
     lens-jax serve --model PATH [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 4
                                  --max-wait-ms 50 --queue-size 64 --lora-dir DIR]
 
-See docs/serving.md. Multi-host: run the same command on every host (after
-`jax.distributed.initialize()` settings in the environment); host 0 serves HTTP and broadcasts each
-batch, the other hosts run it with host 0.
+See docs/serving.md. Multi-host: run the same command on every host with LENS_JAX_DISTRIBUTED=1
+(`lens_jax.tools.runtime.init_distributed`); host 0 serves HTTP and broadcasts each batch, the other
+hosts run it with host 0.
 """
 
 from __future__ import annotations
