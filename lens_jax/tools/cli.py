@@ -12,7 +12,7 @@ import sys
 
 from lens_jax.errors import InputError, LensError
 
-from .runtime import default_xla_flags
+from .runtime import default_xla_flags, init_distributed
 
 # subcommand -> module under lens_jax.tools
 SUBCOMMANDS = {
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     try:
+        init_distributed()  # several hosts: LENS_JAX_DISTRIBUTED=1 (lens_jax.tools.runtime)
         return modules[args.command].run(args)
     except (ValueError, FileNotFoundError, LensError) as e:
         print(f"lens-jax: error: {_one_line(e)}", file=sys.stderr)

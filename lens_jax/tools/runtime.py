@@ -27,3 +27,33 @@ def quiet_third_party() -> None:
     transformers' advisory banners (e.g. "PyTorch was not found": only its tokenizer is used)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+DISTRIBUTED_ENV = "LENS_JAX_DISTRIBUTED"
+
+
+def init_distributed() -> bool:
+    """Join a multi-host JAX job when `LENS_JAX_DISTRIBUTED=1` asks for it (before any JAX computation).
+
+    Calls `jax.distributed.initialize()`: on Cloud TPU, SLURM, Open MPI and Kubernetes JAX finds the
+    coordinator and this process's index itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of
+    process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID. CPU collectives across processes go through gloo.
+    Returns whether this process is part of a multi-process job; a no-op when already initialised.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
+    if os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("", "0", "off", "false", "no"):
+        return False
+    kwargs = {}
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if os.environ.get(env):
+            if not os.environ[env].strip().isdigit():
+                from ..errors import InputError
+
+                raise InputError(f"{env}={os.environ[env]!r} must be a non-negative integer.")
+            kwargs[key] = int(os.environ[env])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    return True

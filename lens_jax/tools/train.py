@@ -68,7 +68,6 @@ def make_sampler(cfg, parts, trainer):
     import jax
     import jax.numpy as jnp
 
-    from lens_jax import parallel
     from lens_jax.pipelines.text_to_image import LensPipeline
 
     pipe = LensPipeline.from_components(parts, dtype=jnp.float32, keep_text_encoder=True)
@@ -87,13 +86,14 @@ def make_sampler(cfg, parts, trainer):
             params = lora_lib.merge(trainer.base, trained, cfg.lora.multiplier)
         else:
             params = trained
-        pipe.dit_params = parallel.put_tree(jax.tree.map(lambda x: x.astype(jnp.float32), params),
-                                            pipe._dit_shardings.tree)
+        # device_put, not parallel.put: on several hosts the trained arrays are not all addressable here.
+        pipe.dit_params = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), params),
+                                         pipe._dit_shardings.tree)
         out.mkdir(parents=True, exist_ok=True)
         for seed in s.seeds:
             images = pipe(prompt_embeds=embeds[0], prompt_mask=embeds[1], num_inference_steps=s.num_inference_steps,
                           guidance_scale=s.guidance_scale, seed=seed, **{k: v for k, v in size.items() if v}).images
-            for i, image in enumerate(images):
+            for i, image in enumerate(images if jax.process_index() == 0 else ()):  # every host samples, one writes
                 image.save(out / f"step{step:07d}_p{i}_s{seed}.png")
 
     return sample_fn
@@ -126,7 +126,8 @@ def run(args) -> int:
         sample_fn = make_sampler(cfg, parts, trainer) if cfg.sample.every else None
         out = Path(cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if jax.process_index() == 0:  # every host has the same config; one writes it
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         state = trainer.fit(sample_fn)
         trainer.close()
     except LensError as e:

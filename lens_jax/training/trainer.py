@@ -15,6 +15,7 @@ then the optax update (AdamW, warm-up + schedule, clipping, `optax.MultiSteps` a
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -307,7 +308,8 @@ class Trainer:
                 tb = SummaryWriter(str(out / "tensorboard"))
             except ImportError:
                 tb = None
-        return _Writers(open(out / "metrics.jsonl", "a"), tb)
+        # One metrics file, written by host 0 (the metrics are global: every host holds the same values).
+        return _Writers(open(out / "metrics.jsonl" if jax.process_index() == 0 else os.devnull, "a"), tb)
 
     def fit(self, sample_fn: Callable[[int, dict], None] | None = None, stop_at: int | None = None) -> dict:
         """Train to `train.steps` optimizer steps (or `stop_at` micro-steps), resuming if a checkpoint exists.

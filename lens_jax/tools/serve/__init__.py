@@ -3,9 +3,9 @@
     lens-jax serve --model PATH [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 4
                                  --max-wait-ms 50 --queue-size 64 --lora-dir DIR]
 
-See docs/serving.md. Multi-host: run the same command on every host (after
-`jax.distributed.initialize()` settings in the environment); host 0 serves HTTP and broadcasts each
-batch, the other hosts run it with host 0.
+See docs/serving.md. Multi-host: run the same command on every host with LENS_JAX_DISTRIBUTED=1
+(`lens_jax.tools.runtime.init_distributed`); host 0 serves HTTP and broadcasts each batch, the other
+hosts run it with host 0.
 """
 
 from __future__ import annotations
@@ -73,9 +73,8 @@ def run(args) -> int:
     config = ServeConfig(max_batch=max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                          api_key=args.api_key or os.environ.get("LENS_JAX_API_KEY") or None,
                          timeout_s=args.timeout, model=model)
-    app = create_app(pipe, config,
-                     runner=batcher_lib.broadcast_runner(pipe, max_batch, loras) if multi else None,
-                     on_shutdown=batcher_lib.stop_followers if multi else None, loras=loras)
+    runner = batcher_lib.broadcast_runner(pipe, max_batch, loras) if multi else None
+    app = create_app(pipe, config, runner=runner, on_shutdown=runner.stop if multi else None, loras=loras)
     if loras is not None:
         print(f"lens-jax serve: {len(loras.files)} LoRAs from {args.lora_dir}: {', '.join(loras.names()) or 'none'}",
               file=sys.stderr)

@@ -259,27 +259,56 @@ def _decode(payload: bytes) -> list[jobs_lib.Job] | None:
 
 
 def _broadcast(payload: bytes | None) -> bytes:
-    """Host 0's `payload` on every host (two collectives: its length, then its bytes)."""
+    """Host 0's `payload` on every host (two collectives: its length, then its bytes).
+
+    The payload is padded with spaces (JSON ignores them) to a power of two of at least 256 bytes,
+    so the broadcast compiles once per size class, not once per message.
+    """
     from jax.experimental import multihost_utils
 
+    if payload is not None:
+        payload = payload.ljust(max(256, 1 << (len(payload) - 1).bit_length()), b" ")
     n = multihost_utils.broadcast_one_to_all(np.int32(0 if payload is None else len(payload)))
     buf = np.zeros(int(n), np.uint8) if payload is None else np.frombuffer(payload, np.uint8)
     return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
 
 
-def broadcast_runner(pipe, batch_size: int, loras=None) -> Runner:
-    """Host 0's runner on a multi-host mesh: broadcast the batch, then run it (with the other hosts)."""
-    local = pipeline_runner(pipe, batch_size, loras)
+class BroadcastRunner:
+    """Host 0's runner on a multi-host mesh: broadcast each batch, then run it (with the other hosts).
 
-    def run(jobs, callback):
-        _broadcast(_encode(jobs))
-        return local(jobs, callback)
+    `stop()` (on shutdown) tells the followers to return. A lock keeps the stop message from
+    interleaving its collectives with a batch still running on the worker thread (which would
+    deadlock the hosts): `stop` waits for that batch, and batches after it are refused.
+    """
 
-    return run
+    def __init__(self, local: Runner):
+        self.local = local
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def __call__(self, jobs, callback):
+        with self._lock:
+            if self._stopped:
+                raise Cancelled("the server is shutting down.")
+            _broadcast(_encode(jobs))
+            return self.local(jobs, callback)
+
+    def stop(self) -> None:
+        """Send the followers the stop message, once, after the batch in flight (if any)."""
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                _broadcast(_encode(None))
+
+
+def broadcast_runner(pipe, batch_size: int, loras=None) -> BroadcastRunner:
+    """Host 0's runner on a multi-host mesh (`BroadcastRunner` over the pipeline runner)."""
+    return BroadcastRunner(pipeline_runner(pipe, batch_size, loras))
 
 
 def stop_followers() -> None:
-    """Host 0, on shutdown: tell the other hosts' `follow` loops to return."""
+    """Host 0, on shutdown: tell the other hosts' `follow` loops to return (prefer `BroadcastRunner.stop`,
+    which waits for a batch still running)."""
     _broadcast(_encode(None))
 
 
