@@ -143,7 +143,7 @@ def bench_text_encoder(args) -> dict:
     mask[1:, s * 3 // 4:] = 0
     with tempfile.TemporaryDirectory() as tmp:
         model = bte.build_torch_twin(cfg, Path(tmp))
-        te = load(tmp, selected, jnp.float32, keep_mxfp4=True)
+        te = load(tmp, selected, jnp.float32, keep_mxfp4=not args.te_dequantized)
     config = te.config
     fwd = jax.jit(T.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding"))
     ids_j, mask_j = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
@@ -166,7 +166,8 @@ def bench_text_encoder(args) -> dict:
     diff = max(float(np.abs(o[valid] - r[valid]).max()) for o, r in zip(ours, ref))
     cos = min(cosine(o[valid], r[valid]) for o, r in zip(ours, ref))
     del model
-    return dict(what=f"GPT-OSS encoder, {layers} real-size layers, batch {b} x {s} tokens, moe={args.moe}",
+    experts = "float experts" if args.te_dequantized else "MXFP4-packed experts"
+    return dict(what=f"GPT-OSS encoder, {layers} real-size layers, batch {b} x {s} tokens, moe={args.moe}, {experts}",
                 jax_s=jax_s, torch_s=torch_s, compile_s=compile_s, max_abs=diff, cosine=cos,
                 torch_name="transformers GptOss (eager)")
 
@@ -207,9 +208,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference-dit", default=None, help="path to the upstream PyTorch Lens transformer .py")
     ap.add_argument("--dit-blocks", type=int, default=2)
-    ap.add_argument("--te-layers", type=int, default=1, help="real-size GPT-OSS layers (each ~3.2 GB in torch f32)")
+    ap.add_argument("--te-layers", "--text-layers", type=int, default=1,
+                    help="real-size GPT-OSS layers (each ~3.2 GB in torch f32; 2-4 fit in 24 GB)")
+    ap.add_argument("--te-dequantized", action="store_true",
+                    help="lens-jax holds float experts, as the torch twin does (default: MXFP4-packed, dequantised "
+                         "in the forward)")
     ap.add_argument("--te-vocab", type=int, default=8192, help="vocabulary of the encoder twin (real: 201088)")
-    ap.add_argument("--moe", default="grouped", help="lens-jax MoE dispatch (grouped, ragged, dense)")
+    ap.add_argument("--moe", default="auto", help="lens-jax MoE dispatch (auto: the per-backend table; grouped, "
+                    "ragged, dense)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--grid", default="32x32", help="image token grid h x w (16 pixels per token)")
     ap.add_argument("--text-tokens", type=int, default=128)
