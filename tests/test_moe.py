@@ -156,7 +156,7 @@ def test_one_layer_every_dispatch_at_routing_shape():
         assert float(np.abs(o - outs["dense"]).max()) <= CROSS_REL * scale, impl
 
 
-def test_fast_dequantize_is_bit_equal_to_numpy():
+def test_dequantize_is_bit_equal_to_numpy():
     """The in-jit MXFP4 dequantisation equals the numpy one for every code and normal scale (f32 and bf16)."""
     rng = np.random.default_rng(0)
     blocks = np.arange(256, dtype=np.uint8).reshape(1, 16, 16).repeat(3, axis=0)
