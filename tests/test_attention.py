@@ -106,8 +106,8 @@ def test_blocked_loop_orders_match_reference(case, heads_outer):
     ragged multi-block tiles and with the default tile sizes."""
     name, a, static, ref = case
     for blocks in (dict(block_q=40, block_k=56), {}):
-        fn = jax.jit(lambda q, k, v, m, s: A.blocked(q, k, v, key_mask=m, sinks=s, heads_outer=heads_outer, **static,
-                                                     **blocks))
+        fn = jax.jit(lambda q, k, v, m, s, blocks=blocks: A.blocked(q, k, v, key_mask=m, sinks=s,
+                                                                    heads_outer=heads_outer, **static, **blocks))
         out = np.asarray(fn(*(a[n] for n in ("q", "k", "v", "key_mask", "sinks"))))
         err = np.abs(out - ref).max()
         assert np.isfinite(out).all() and err <= PATH_ATOL, f"{name} heads_outer={heads_outer} {blocks}: {err:.2e}"

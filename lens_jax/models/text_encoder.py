@@ -12,7 +12,10 @@ Expert weights are either float ([L, E, in, out], transformers' layout) or kept 
 time), which keeps GPT-OSS-20B at about 13 GB instead of about 42 GB in bfloat16.
 
 MoE dispatch (`moe_impl`):
-  * "grouped" (default): token-expert pairs sorted by expert; a scan over experts runs each
+  * "auto" (default): `MOE_DISPATCH`, a table keyed by backend and routed-token count, picks one of
+    the three below (`resolve_moe_impl`); measured on CPU, reasoned defaults elsewhere (each row
+    says which). Name a dispatch to override it.
+  * "grouped": token-expert pairs sorted by expert; a scan over experts runs each
     expert's contiguous rows in fixed-size chunks (a while loop with a data-dependent trip
     count), so the FLOPs follow the routed rows (plus at most one partial chunk per expert),
     each expert's weights are read / dequantised at most once per layer and experts that
