@@ -7,9 +7,12 @@ Workloads at real widths, float32:
   sliding window 128 (alternate layers) or full, per-head sinks; torch runs transformers' eager
   formula (SDPA has no sinks).
 
-    python scripts/benchmark_attention.py --threads 2 [--workload dit text] [--repeats 5]
+    python scripts/benchmark_attention.py --threads 2 [--workload dit text] [--repeats 5] [--blocks 128x512 ...]
 
-Prints the best-of-N wall time per path and the ratio to torch.
+Prints the best-of-N wall time per path and the ratio to torch: the dense paths of the first
+version (xla / reference), the blocked path in its batched loop order (every (batch, head) pair
+in each tile: the CPU default before, the accelerator fallback now), the heads-outer order at
+the tile sizes asked for, and what `attention(impl=None)` runs on this backend.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="CPU cores to pin to (and torch threads)")
     ap.add_argument("--workload", nargs="+", default=["dit", "text"], choices=["dit", "text"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--blocks", nargs="*", default=[], metavar="BQxBK",
+                    help="extra heads-outer tile sizes to try, e.g. 128x1152 64x512 (BK 'all': one key block)")
+    ap.add_argument("--quick", action="store_true", help="skip the first-generation dense paths (xla / reference)")
     args = ap.parse_args()
+    args.blocks = [(int(a), None if b == "all" else int(b)) for a, b in (x.split("x") for x in args.blocks)]
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])  # before jax/torch start threads
 
     import jax
@@ -48,10 +55,17 @@ def main() -> int:
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, {args.threads} threads")
 
-    def run_jax(label, arrays, torch_ms, **kw):
-        f = jax.jit(lambda q, k, v, m, s: A.attention(q, k, v, key_mask=m, sinks=s, **kw))
+    def run_jax(label, arrays, torch_fn, **kw):  # torch_fn: the torch callable to time alongside
+        if kw.get("impl") == "blocked":  # the blocked path's own knobs (loop order, tile sizes)
+            kw.pop("impl")
+            f = jax.jit(lambda q, k, v, m, s: A.blocked(q, k, v, key_mask=m, sinks=s, **kw))
+        else:
+            f = jax.jit(lambda q, k, v, m, s: A.attention(q, k, v, key_mask=m, sinks=s, **kw))
         ms = _best(lambda: f(*arrays).block_until_ready(), args.repeats)
-        print(f"  {label:<36} {ms:8.1f} ms   {ms / torch_ms:5.2f}x torch", flush=True)
+        with torch.inference_mode():  # torch again, right after: the ratio holds under a changing load
+            again = _best(torch_fn, args.repeats)
+        print(f"  {label:<44} {ms:8.1f} ms   {ms / again:5.2f}x torch ({again:.1f} ms)", flush=True)
+        return ms
 
     if "dit" in args.workload:
         b, n_img, n_txt, h, d = 2, 1024, 128, 24, 64
@@ -61,14 +75,21 @@ def main() -> int:
         km[1, n_img + 40:] = False
         tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v))
         tm = torch.from_numpy(km)[:, None, None, :]
+        def torch_fn():
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm)
+
         with torch.inference_mode():
-            torch_ms = _best(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm),
-                             args.repeats)
-        print(f"dit joint attention: B={b} heads={h}x{d} tokens={n_img}+{n_txt}")
-        print(f"  {'torch SDPA':<36} {torch_ms:8.1f} ms", flush=True)
+            print(f"dit joint attention: B={b} heads={h}x{d} tokens={n_img}+{n_txt}")
+            print(f"  {'torch SDPA':<44} {_best(torch_fn, args.repeats):8.1f} ms", flush=True)
         arrays = tuple(jnp.asarray(x) for x in (q, k, v, km)) + (None,)
-        run_jax("jax xla (before)", arrays, torch_ms, impl="xla")
-        run_jax("jax blocked (default)", arrays, torch_ms, impl="blocked")
+        if not args.quick:
+            run_jax("jax xla (first)", arrays, torch_fn, impl="xla")
+        run_jax("jax blocked, batched order 256x512 (before)", arrays, torch_fn, impl="blocked", heads_outer=False,
+                block_q=256, block_k=512)
+        for bq, bk in args.blocks:
+            run_jax(f"jax blocked, heads outer {bq}x{bk}", arrays, torch_fn, impl="blocked", heads_outer=True,
+                    block_q=bq, block_k=bk)
+        run_jax("jax default (attention(), impl=None)", arrays, torch_fn)
 
     if "text" in args.workload:
         b, s, h, kh, d = 2, 512, 64, 8, 64
@@ -93,13 +114,20 @@ def main() -> int:
                 p = torch.softmax(sc - sc.amax(-1, keepdim=True), dim=-1)[..., :-1]
                 return p @ tv
 
+            torch_fn = torch_eager
             with torch.inference_mode():
-                torch_ms = _best(torch_eager, args.repeats)
-            print(f"text-encoder attention: B={b} heads={h}/{kh}x{d} tokens={s} window={window} sinks")
-            print(f"  {'torch eager (transformers formula)':<36} {torch_ms:8.1f} ms", flush=True)
+                print(f"text-encoder attention: B={b} heads={h}/{kh}x{d} tokens={s} window={window} sinks")
+                print(f"  {'torch eager (transformers formula)':<44} {_best(torch_eager, args.repeats):8.1f} ms",
+                      flush=True)
             arrays = tuple(jnp.asarray(x) for x in (q, k, v, km, sinks))
-            run_jax("jax reference (before: dense)", arrays, torch_ms, impl="reference", causal=True, window=window)
-            run_jax("jax blocked (default)", arrays, torch_ms, impl="blocked", causal=True, window=window)
+            if not args.quick:
+                run_jax("jax reference (first: dense)", arrays, torch_fn, impl="reference", causal=True, window=window)
+            run_jax("jax blocked, batched order 256x512 (before)", arrays, torch_fn, impl="blocked", causal=True,
+                    window=window, heads_outer=False, block_q=256, block_k=512)
+            for bq, bk in args.blocks:
+                run_jax(f"jax blocked, heads outer {bq}x{bk}", arrays, torch_fn, impl="blocked", causal=True,
+                        window=window, heads_outer=True, block_q=bq, block_k=bk)
+            run_jax("jax default (attention(), impl=None)", arrays, torch_fn, causal=True, window=window)
     return 0
 
 

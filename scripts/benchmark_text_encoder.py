@@ -99,8 +99,12 @@ def build_torch_twin(cfg_dict: dict, folder: Path, seed: int = 0):
             p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "layernorm" in name or name == "model.norm.weight" else 0.0))
             value = p.numpy()
             if "experts" in name and name.endswith("_proj"):  # [E, in, out] -> MXFP4 over `in`
-                blocks, scales = mxfp4.quantize_np(value.transpose(0, 2, 1))
-                p.copy_(torch.from_numpy(mxfp4.dequantize_np(blocks, scales).transpose(0, 2, 1).copy()))
+                # one expert at a time: quantize_np's temporaries are ~10x the input (a real-width layer
+                # at once needs ~20 GB)
+                packed = [mxfp4.quantize_np(value[e].T) for e in range(value.shape[0])]
+                blocks, scales = (np.stack([q[i] for q in packed]) for i in (0, 1))
+                for e in range(value.shape[0]):
+                    p[e].copy_(torch.from_numpy(mxfp4.dequantize_np(blocks[e], scales[e]).T.copy()))
                 tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
             else:
                 tensors[name] = np.ascontiguousarray(value)

@@ -143,7 +143,7 @@ def bench_text_encoder(args) -> dict:
     mask[1:, s * 3 // 4:] = 0
     with tempfile.TemporaryDirectory() as tmp:
         model = bte.build_torch_twin(cfg, Path(tmp))
-        te = load(tmp, selected, jnp.float32, keep_mxfp4=True)
+        te = load(tmp, selected, jnp.float32, keep_mxfp4=not args.te_dequantized)
     config = te.config
     fwd = jax.jit(T.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding"))
     ids_j, mask_j = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
@@ -162,13 +162,84 @@ def bench_text_encoder(args) -> dict:
     ref = [got[i] for i in selected]
     jax_s, torch_s = timed_pair(lambda: jax.block_until_ready(fwd(te.params, config, ids_j, mask_j, selected, args.moe)),
                                 lambda: model.model(input_ids=t_ids, attention_mask=t_mask), args.runs)
+    if args.te_profile:
+        profile_text_encoder(te, config, model, ours, ids, mask, args.runs)
     valid = mask.astype(bool)
     diff = max(float(np.abs(o[valid] - r[valid]).max()) for o, r in zip(ours, ref))
     cos = min(cosine(o[valid], r[valid]) for o, r in zip(ours, ref))
     del model
-    return dict(what=f"GPT-OSS encoder, {layers} real-size layers, batch {b} x {s} tokens, moe={args.moe}",
+    experts = "float experts" if args.te_dequantized else "MXFP4-packed experts"
+    return dict(what=f"GPT-OSS encoder, {layers} real-size layers, batch {b} x {s} tokens, moe={args.moe}, {experts}",
                 jax_s=jax_s, torch_s=torch_s, compile_s=compile_s, max_abs=diff, cosine=cos,
                 torch_name="transformers GptOss (eager)")
+
+
+def profile_text_encoder(te, config, model, ours, ids, mask, runs: int) -> None:
+    """Where the time goes, per decoder layer: attention (norm + attention + o_proj) and MoE (norm + router
+    + experts), in lens-jax (each part jitted alone, layer 0's weights, best of `runs`) and in transformers
+    (forward hooks on every layer's self_attn / mlp during whole forwards, best per part); plus, for the
+    packed lens-jax encoder, the MXFP4 dequantisation of one layer's experts alone."""
+    import torch
+
+    from lens_jax.models import mxfp4
+    from lens_jax.models import nn as jnn
+    from lens_jax.models import text_encoder as T
+
+    layers = te.params["layers"]
+    p0 = jax.tree.map(lambda a: a[0], {k: v for k, v in layers.items() if k != "mlp"})
+    experts = layers["mlp"]["experts"]
+    router = jax.tree.map(lambda a: a[0], layers["mlp"]["router"])
+    b, s = ids.shape
+    h_in = jnp.asarray(ours[0])  # a realistic hidden state
+    cos, sin = T.rope_cos_sin(config, s)
+    key_mask = jnp.asarray(mask, bool)
+
+    @jax.jit
+    def attn(p, h):
+        x = jnn.rms_norm(h, p["input_layernorm"]["weight"], config.rms_norm_eps)
+        return T.attention(p["self_attn"], x, cos, sin, key_mask, config, window=config.sliding_window)
+
+    @jax.jit
+    def moe(p, router, experts, h):
+        x = jnn.rms_norm(h, p["post_attention_layernorm"]["weight"], config.rms_norm_eps).reshape(b * s, -1)
+        w, idx = T.route(x, router, config.num_experts_per_tok)
+        return T.moe(x, experts, 0, w, idx, config, te.moe_impl)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+
+    jax_parts = {"attention (sliding layer)": best(lambda: attn(p0, h_in).block_until_ready()),
+                 "MoE (router + experts)": best(lambda: moe(p0, router, experts, h_in).block_until_ready())}
+    if T.is_packed(te.params):
+        deq = jax.jit(lambda e: [mxfp4.dequantize(e[f"{n}_blocks"][0], e[f"{n}_scales"][0], jnp.float32)
+                                 for n in ("gate_up_proj", "down_proj")])
+        jax_parts["  of which: dequantise 32 experts"] = best(lambda: jax.block_until_ready(deq(experts)))
+
+    spans: dict[str, list] = {"attention (sliding layer)": [], "MoE (router + experts)": []}
+    start = {}
+    hooks = []
+    layer0 = model.model.layers[0]
+    for name, mod in (("attention (sliding layer)", layer0.self_attn), ("MoE (router + experts)", layer0.mlp)):
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, name=name: start.__setitem__(name, time.perf_counter())))
+        hooks.append(mod.register_forward_hook(
+            lambda m, a, o, name=name: spans[name].append((time.perf_counter() - start[name]) * 1e3)))
+    t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    with torch.no_grad():
+        for _ in range(runs + 1):
+            model.model(input_ids=t_ids, attention_mask=t_mask)
+    for hook in hooks:
+        hook.remove()
+    print("| part (one decoder layer) | lens-jax | transformers |")
+    print("|---|---|---|")
+    for name, ms in jax_parts.items():
+        t = f"{min(spans[name][1:]):.0f} ms" if name in spans else ""
+        print(f"| {name} | {ms:.0f} ms | {t} |", flush=True)
 
 
 def bench_vae(args) -> dict:
@@ -207,9 +278,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference-dit", default=None, help="path to the upstream PyTorch Lens transformer .py")
     ap.add_argument("--dit-blocks", type=int, default=2)
-    ap.add_argument("--te-layers", type=int, default=1, help="real-size GPT-OSS layers (each ~3.2 GB in torch f32)")
+    ap.add_argument("--te-layers", "--text-layers", type=int, default=1,
+                    help="real-size GPT-OSS layers (each ~3.2 GB in torch f32; 2-4 fit in 24 GB)")
+    ap.add_argument("--te-dequantized", action="store_true",
+                    help="lens-jax holds float experts, as the torch twin does (default: MXFP4-packed, dequantised "
+                         "in the forward)")
     ap.add_argument("--te-vocab", type=int, default=8192, help="vocabulary of the encoder twin (real: 201088)")
-    ap.add_argument("--moe", default="grouped", help="lens-jax MoE dispatch (grouped, ragged, dense)")
+    ap.add_argument("--te-profile", action="store_true",
+                    help="also time one layer's attention and MoE (and MXFP4 dequantisation) on both sides")
+    ap.add_argument("--moe", default="auto", help="lens-jax MoE dispatch (auto: the per-backend table; grouped, "
+                    "ragged, dense)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--grid", default="32x32", help="image token grid h x w (16 pixels per token)")
     ap.add_argument("--text-tokens", type=int, default=128)

@@ -100,11 +100,32 @@ def test_path_matches_reference(case, impl, blocks):
     assert np.isfinite(out).all() and err <= PATH_ATOL, f"{name} {impl} {blocks}: max abs {err:.2e}"
 
 
+@pytest.mark.parametrize("heads_outer", [True, False])
+def test_blocked_loop_orders_match_reference(case, heads_outer):
+    """Both loop orders (CPU: one (batch, key head) pair at a time; accelerators: all pairs per tile), with
+    ragged multi-block tiles and with the default tile sizes."""
+    name, a, static, ref = case
+    for blocks in (dict(block_q=40, block_k=56), {}):
+        fn = jax.jit(lambda q, k, v, m, s, blocks=blocks: A.blocked(q, k, v, key_mask=m, sinks=s,
+                                                                    heads_outer=heads_outer, **static, **blocks))
+        out = np.asarray(fn(*(a[n] for n in ("q", "k", "v", "key_mask", "sinks"))))
+        err = np.abs(out - ref).max()
+        assert np.isfinite(out).all() and err <= PATH_ATOL, f"{name} heads_outer={heads_outer} {blocks}: {err:.2e}"
+
+
+def test_cpu_default_tiles():
+    assert A._even_block(1152, A.CPU_BLOCK_K) == 1152  # the DiT's 1024 + 128 tokens: one key block
+    assert A._even_block(4608, 2048) == 1536 and A._even_block(5000, 2048) == 1672  # even blocks, multiples of 8
+    assert A._even_block(7, 2048) == 7
+
+
 def test_blocked_never_forms_the_score_matrix():
     spec = jax.ShapeDtypeStruct((1, 2048, 2, 32), jnp.float32)
     hlo = jax.jit(lambda q, k, v: A.attention(q, k, v, impl="blocked", block_q=256, block_k=512)).lower(
         spec, spec, spec).as_text()
     assert "256x512xf32" in hlo and "2048x2048" not in hlo
+    hlo = jax.jit(lambda q, k, v: A.attention(q, k, v, impl="blocked")).lower(spec, spec, spec).as_text()
+    assert "256x2048xf32" in hlo and "2048x2048" not in hlo  # CPU default: 256 queries x one key block
 
 
 def test_defaults_and_bad_input():

@@ -35,10 +35,18 @@ IMPLS = ("reference", "blocked", "splash", "cudnn", "xla")
 # and NEG - NEG is 0, so nothing turns into NaN when a whole block or row is masked.
 NEG = -1e30
 
-# Measured on CPU at the DiT's widths (docs/benchmarks.md): 256 x 512 tiles keep the float32 score
-# tile in cache-sized pieces; 64-query chunks were slower, whole rows no faster.
+# Tile sizes of the blocked path, by loop order (docs/attention.md, docs/benchmarks.md).
+# "batched": every (batch, head) pair in each tile, [B, KH, G, bq, bk] (accelerators, where one
+# big tile is one kernel launch). "heads_outer" (CPU): a lax.map over (batch, key head) pairs, so a
+# tile is [G, bq, bk] and stays near the core (256 x 1152 float32 = 1.2 MB for the DiT);
+# the batched order's tiles (48 x 256 x 512 float32 = 25 MB for the DiT) did not, and ran 2x
+# slower than torch's SDPA, the heads-outer order 0.4x.
 BLOCK_Q = 256
 BLOCK_K = 512
+CPU_BLOCK_Q = 256
+CPU_BLOCK_K = 2048  # the largest key block; longer key sequences are split into equal blocks
+CPU_BLOCK_K_CAUSAL = 128  # causal / sliding-window keys: small blocks, so empty tiles are skipped
+DEFAULT = "default"  # block sizes chosen by loop order
 
 
 def default_impl(dtype, *, has_sinks: bool = False, head_dim: int = 128, backend: str | None = None) -> str:
@@ -75,7 +83,7 @@ def _check(q, k, v, key_mask, sinks, impl):
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
               key_lengths: jax.Array | None = None, causal: bool = False, window: int | None = None,
               sinks: jax.Array | None = None, scale: float | None = None, impl: str | None = None,
-              block_q: int = BLOCK_Q, block_k: int | None = BLOCK_K, sharding=None) -> jax.Array:
+              block_q: int | str = DEFAULT, block_k: int | str | None = DEFAULT, sharding=None) -> jax.Array:
     """Masked (grouped-query) softmax attention, [B, T, H, D] x [B, S, KH, D] -> [B, T, H, D].
 
     key_mask [B, S] bool: visible keys (None: all). key_lengths [B]: the same mask as visible-key
@@ -83,7 +91,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
     a prefix, as in the DiT's [image; right-padded text] sequence). causal / window (static) add
     j <= i and i - j < window. sinks [H]: per-head extra logits. scale defaults to 1/sqrt(D).
     block_q / block_k size the blocked path's query chunks and key blocks (block_k None: one
-    block holding every key). sharding: the models' activation constraints (BoundRules); the
+    block holding every key; DEFAULT: by the path's loop order, see `blocked`). sharding: the models' activation constraints (BoundRules); the
     splash kernel, which XLA cannot partition, then runs under shard_map over its batch/head axes.
 
     With impl None off GPU, the platform the program is lowered for picks the kernel (splash for
@@ -181,19 +189,44 @@ def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _even_block(n: int, largest: int) -> int:
+    """The smallest block (a multiple of 8) that splits n into as few blocks of <= `largest` as possible."""
+    per_block = -(-n // -(-n // largest))  # ceil(n / ceil(n / largest))
+    return min(n, -(-per_block // 8) * 8)
+
+
 def blocked(q, k, v, *, key_mask=None, causal: bool = False, window: int | None = None, sinks=None,
-            scale: float | None = None, block_q: int = BLOCK_Q, block_k: int | None = BLOCK_K) -> jax.Array:
+            scale: float | None = None, block_q: int | str = DEFAULT, block_k: int | str | None = DEFAULT,
+            heads_outer: bool | None = None) -> jax.Array:
     """Online-softmax attention: lax.map over query chunks, lax.scan over key blocks.
 
-    Per (query chunk, key block) it forms a [B, KH, G, bq, bk] float32 score tile, updates the
-    running max m, normaliser l and float32 accumulator, and skips (lax.cond) tiles that the
-    causal / window structure or the padding (max visible key) leaves empty. Sinks enter as the
-    initial state (m = sink, l = 1, acc = 0), which is exactly an extra logit with a zero value.
+    Per (query chunk, key block) it forms a float32 score tile, updates the running max m,
+    normaliser l and float32 accumulator, and skips (lax.cond) tiles that the causal / window
+    structure or the padding (last visible key) leaves empty. Sinks enter as the initial state
+    (m = sink, l = 1, acc = 0), which is exactly an extra logit with a zero value.
+
+    heads_outer (None: on the CPU backend) runs one (batch row, key head) pair at a time under a
+    lax.map, so each tile is [G, bq, bk] and stays in cache; otherwise tiles hold every pair,
+    [B, KH, G, bq, bk]. DEFAULT block sizes: heads-outer CPU_BLOCK_Q queries against key blocks
+    of CPU_BLOCK_K_CAUSAL with causal / window masks (tiles past the diagonal or the window are
+    skipped), else of at most CPU_BLOCK_K split evenly (one block for the DiT's lengths); the
+    batched order BLOCK_Q x BLOCK_K.
     """
     b, t, h, d = q.shape
     s_len, kh = k.shape[1], k.shape[2]
     g = h // kh
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    if heads_outer is None:
+        heads_outer = jax.default_backend() == "cpu"
+    if block_q == DEFAULT:
+        block_q = CPU_BLOCK_Q if heads_outer else BLOCK_Q
+    if block_k == DEFAULT:
+        if not heads_outer:
+            block_k = BLOCK_K
+        else:
+            block_k = CPU_BLOCK_K_CAUSAL if causal or window is not None else _even_block(s_len, CPU_BLOCK_K)
+    if heads_outer and b * kh > 1:
+        return _heads_outer(q, k, v, key_mask, causal, window, sinks, scale, block_q, block_k)
     bq = min(block_q, t)
     bk = s_len if block_k is None else min(block_k, s_len)
     nq, nk = -(-t // bq), -(-s_len // bk)
@@ -266,6 +299,27 @@ def blocked(q, k, v, *, key_mask=None, causal: bool = False, window: int | None 
     # [nq, B, KH, G, bq, D] -> [B, T, H, D]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)[:, :t]
     return out.astype(q.dtype)
+
+
+def _heads_outer(q, k, v, key_mask, causal, window, sinks, scale, block_q, block_k) -> jax.Array:
+    """`blocked` for one (batch row, key head) pair at a time, under lax.map: [B*KH] problems of
+    G query heads against one key head, each with its own padding mask and sinks."""
+    b, t, h, d = q.shape
+    s_len, kh = k.shape[1], k.shape[2]
+    g, n = h // kh, b * kh
+    qn = q.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(n, 1, t, g, d)
+    kn, vn = (x.transpose(0, 2, 1, 3).reshape(n, 1, s_len, 1, d) for x in (k, v))
+    mask = jnp.ones((b, s_len), bool) if key_mask is None else key_mask.astype(bool)
+    mn = jnp.repeat(mask, kh, axis=0)[:, None]  # [N, 1, S]
+    sn = jnp.zeros((n, g), jnp.float32) if sinks is None else jnp.tile(sinks.astype(jnp.float32).reshape(kh, g), (b, 1))
+    kw = dict(causal=causal, window=window, scale=scale, block_q=block_q, block_k=block_k, heads_outer=False)
+
+    def one(args):
+        qx, kx, vx, mx, sx = args
+        return blocked(qx, kx, vx, key_mask=mx, sinks=None if sinks is None else sx, **kw)
+
+    out = jax.lax.map(one, (qn, kn, vn, mn, sn))  # [N, 1, T, G, D]
+    return out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
 # ----------------------------------------------------------------------------- splash (Pallas, TPU)
@@ -386,4 +440,5 @@ def _row_has_visible_key(key_mask, t: int, causal: bool, window: int | None) -> 
     return ok
 
 
-__all__ = ["attention", "default_impl", "reference", "blocked", "splash", "IMPLS", "BLOCK_Q", "BLOCK_K"]
+__all__ = ["attention", "default_impl", "reference", "blocked", "splash", "IMPLS", "BLOCK_Q", "BLOCK_K", "CPU_BLOCK_Q",
+           "CPU_BLOCK_K", "CPU_BLOCK_K_CAUSAL", "DEFAULT"]

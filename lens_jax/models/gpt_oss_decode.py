@@ -161,7 +161,7 @@ def prompt_positions(attention_mask: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("config", "moe_impl", "moe_chunk", "sharding"))
 def forward_logits(params: Params, config: TextEncoderConfig, input_ids: jax.Array, attention_mask: jax.Array,
-                   moe_impl: str = "grouped", moe_chunk: int | None = None,
+                   moe_impl: str = "auto", moe_chunk: int | None = None,
                    sharding: Constrain | None = None) -> jax.Array:
     """Logits [B, S, vocab] (float32) of a full forward without a cache (left or right padding)."""
     valid = attention_mask.astype(bool)
@@ -203,7 +203,7 @@ def sample_next(step_logits: jax.Array, key: jax.Array, temperature: jax.Array, 
 
 
 def prefill(params: Params, config: TextEncoderConfig, input_ids, attention_mask, cache_len: int,
-            moe_impl: str = "grouped", moe_chunk: int | None = None, sharding: Constrain | None = None):
+            moe_impl: str = "auto", moe_chunk: int | None = None, sharding: Constrain | None = None):
     """Run the prompts [B, S] once. Returns (logits of each row's last prompt token [B, V],
     k/v caches [L, B, cache_len, kv, D] with slots 0..S-1 filled, slot positions [B, cache_len],
     slot validity [B, cache_len], prompt lengths [B])."""
@@ -249,7 +249,7 @@ def _decode_step(params, config, token, slot, position, k_cache, v_cache, slot_p
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "return_logits", "moe_impl", "moe_chunk", "sharding"))
 def generate(params: Params, config: TextEncoderConfig, input_ids: jax.Array, attention_mask: jax.Array,
              stop_tokens: jax.Array, pad_token: jax.Array, temperature: jax.Array, top_p: jax.Array, seed: jax.Array,
-             max_new_tokens: int, return_logits: bool = False, moe_impl: str = "grouped",
+             max_new_tokens: int, return_logits: bool = False, moe_impl: str = "auto",
              moe_chunk: int | None = None, sharding: Constrain | None = None):
     """Prefill + decode loop in one program.
 

@@ -12,7 +12,10 @@ Expert weights are either float ([L, E, in, out], transformers' layout) or kept 
 time), which keeps GPT-OSS-20B at about 13 GB instead of about 42 GB in bfloat16.
 
 MoE dispatch (`moe_impl`):
-  * "grouped" (default): token-expert pairs sorted by expert; a scan over experts runs each
+  * "auto" (default): `MOE_DISPATCH`, a table keyed by backend and routed-token count, picks one of
+    the three below (`resolve_moe_impl`); measured on CPU, reasoned defaults elsewhere (each row
+    says which). Name a dispatch to override it.
+  * "grouped": token-expert pairs sorted by expert; a scan over experts runs each
     expert's contiguous rows in fixed-size chunks (a while loop with a data-dependent trip
     count), so the FLOPs follow the routed rows (plus at most one partial chunk per expert),
     each expert's weights are read / dequantised at most once per layer and experts that
@@ -48,7 +51,58 @@ Params = dict
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
-MOE_IMPLS = ("grouped", "ragged", "dense")
+MOE_FIXED_IMPLS = ("grouped", "ragged", "dense")
+MOE_IMPLS = ("auto", *MOE_FIXED_IMPLS)
+
+
+@dataclass(frozen=True)
+class MoeDispatch:
+    """One row of the MoE dispatch table: on `backend`, token counts in [min_tokens, max_tokens) use `impl`.
+
+    `measured` says whether the choice rests on a measurement (docs/benchmarks.md, "MoE dispatch")
+    or is a default chosen by reasoning, with `why` either way.
+    """
+
+    backend: str
+    min_tokens: int
+    max_tokens: int | None  # None: no upper bound
+    impl: str
+    measured: bool
+    why: str
+
+
+# `moe_impl="auto"` (the default) reads this table with the backend the program is lowered for and
+# the number of tokens routed in one call (batch x sequence). A fixed `moe_impl` overrides it.
+MOE_DISPATCH: tuple[MoeDispatch, ...] = (
+    MoeDispatch("cpu", 0, None, "grouped", True,
+                "measured on CPU at the real GPT-OSS shape for 64 / 192 / 1024 tokens "
+                "(scripts/benchmark_moe.py): fastest at every count"),
+    MoeDispatch("gpu", 0, 256, "grouped", False,
+                "unmeasured (no GPU this session): few tokens touch few experts, and grouped reads and "
+                "dequantises only those; dense and ragged dequantise all 32 experts of the layer"),
+    MoeDispatch("gpu", 256, 4096, "dense", False,
+                "partly measured: an H100 at 1024 tokens (bf16) ran dense 4.9 ms, grouped 6.5 ms, ragged "
+                "9.5 ms per layer (earlier session); the range around it is not"),
+    MoeDispatch("gpu", 4096, None, "grouped", False,
+                "unmeasured: dense does E/k = 8x the routed FLOPs and its scratch grows with tokens x experts"),
+    MoeDispatch("tpu", 0, None, "grouped", False,
+                "unmeasured (no TPU): ragged_dot lowers natively on TPU, but it (like dense) needs the whole "
+                "layer's 32 experts dequantised at once (~1.6 GB bf16 per layer); grouped needs one expert"),
+)
+
+
+def resolve_moe_impl(num_tokens: int, backend: str | None = None, table: Sequence[MoeDispatch] = MOE_DISPATCH) -> str:
+    """The MoE dispatch `moe_impl="auto"` uses for `num_tokens` routed tokens on `backend`.
+
+    backend: "cpu", "gpu" or "tpu" (also "cuda" / "rocm"; None: jax.default_backend()). A backend or
+    token count with no row falls back to "grouped", which works everywhere.
+    """
+    backend = backend or jax.default_backend()
+    backend = "gpu" if backend in ("cuda", "rocm") else backend
+    for row in table:
+        if row.backend == backend and row.min_tokens <= num_tokens and (row.max_tokens is None or num_tokens < row.max_tokens):
+            return row.impl
+    return "grouped"
 DEFAULT_SELECTED_LAYERS = (5, 11, 17, 23)
 
 # GptOssConfig's class defaults, applied when config.json has no rope_parameters/rope_scaling.
@@ -466,11 +520,25 @@ def default_chunk(num_rows: int, num_experts: int) -> int:
 
 
 def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Array, router_idx: jax.Array,
-        config: TextEncoderConfig, impl: str = "grouped", chunk: int | None = None) -> jax.Array:
+        config: TextEncoderConfig, impl: str = "auto", chunk: int | None = None) -> jax.Array:
     """Mixture of experts over tokens x [T, hidden] for decoder layer `layer`.
 
     `experts` holds all layers ([L, E, ...]); only layer `layer` is read. Returns [T, hidden].
+    impl "auto": `MOE_DISPATCH`'s choice for T tokens on the platform the program is lowered for
+    (so a program compiled ahead of time for a TPU on a CPU host holds the TPU entry).
     """
+    if impl == "auto":
+        t = x.shape[0]
+        choice = {p: resolve_moe_impl(t, p) for p in ("cpu", "cuda", "rocm", "tpu")}
+        if len(set(choice.values())) == 1:
+            impl = choice["cpu"]
+        else:
+            def branch(i):
+                return lambda x, w, idx: moe(x, experts, layer, w, idx, config, i, chunk)
+
+            return jax.lax.platform_dependent(x, router_weights, router_idx,
+                                              **{p: branch(i) for p, i in choice.items()},
+                                              default=branch(resolve_moe_impl(t, "cpu")))
     t, h = x.shape
     k = router_idx.shape[-1]
     n_exp = config.num_local_experts
@@ -567,7 +635,7 @@ def check_selected_layers(selected_layers: Sequence[int], available: int, total:
 @partial(jax.jit, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding", "stream",
                                    "attention_impl"))
 def apply(params: Params, config: TextEncoderConfig, input_ids: jax.Array, attention_mask: jax.Array,
-          selected_layers: tuple[int, ...], moe_impl: str = "grouped", moe_chunk: int | None = None,
+          selected_layers: tuple[int, ...], moe_impl: str = "auto", moe_chunk: int | None = None,
           sharding: Constrain | None = None, stream: LayerStream | None = None,
           attention_impl: str | None = None) -> list[jax.Array]:
     """Hidden states after each selected decoder layer (0-based, no final norm).
@@ -648,7 +716,7 @@ class TextEncoder:
     config: TextEncoderConfig
     params: Params
     selected_layers: tuple[int, ...] = DEFAULT_SELECTED_LAYERS
-    moe_impl: str = "grouped"
+    moe_impl: str = "auto"  # MOE_DISPATCH's choice per backend and token count; or a fixed MOE_FIXED_IMPLS entry
     moe_chunk: int | None = None
     sharding: Any = None  # static activation-sharding rules (lens_jax.parallel.BoundRules) or None
     stream: Any = None  # layers streamed from host memory (lens_jax.parallel.offload) or None

@@ -243,7 +243,7 @@ def default_selected_layers(folder: Path, config: TextEncoderConfig) -> tuple[in
 
 
 def load(path: str | os.PathLike, selected_layers: Sequence[int] | None = None, dtype=jnp.float32,
-         keep_mxfp4: bool | None = None, moe_impl: str = "grouped", moe_chunk: int | None = None,
+         keep_mxfp4: bool | None = None, moe_impl: str = "auto", moe_chunk: int | None = None,
          place=None, causal_lm: bool = False) -> CausalLM:
     """Load an HF-format GPT-OSS folder (config.json + safetensors; float or MXFP4 experts).
 
