@@ -35,6 +35,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 # libtpu takes a lock file and probes for TPU hosts; neither applies to a compile-only client.
@@ -54,7 +55,8 @@ TOPOLOGIES = {
 HBM_BY_PREFIX = {"v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v4": 32}
 
 
-PROGRAMS = ("cfg", "turbo", "text", "cfg-offload", "turbo-offload", "train_lora", "train_full")
+PROGRAMS = ("cfg", "turbo", "text", "cfg-offload", "turbo-offload", "cfg-offload3d", "turbo-offload3d", "train_lora",
+            "train_full")
 
 
 @dataclass
@@ -109,9 +111,18 @@ def _host_stats(compiled) -> float:
     return (total - (getattr(mem, "host_alias_size_in_bytes", 0) or 0)) / GIB
 
 
+def _keep_2d_on_device(shardings, abstract):
+    """Stacked [layers, width] leaves (biases, norm scales) back in device memory: the TPU compiler cannot
+    slice one layer (one sublane row) out of a 2-D array in pinned host memory."""
+    return jax.tree.map(lambda s, a: s.with_memory_kind("device") if a.ndim <= 2 else s, shardings, abstract)
+
+
 def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens: int, batch: int,
-                    offload: bool = False):
-    """The whole sampler program; `offload`: the DiT blocks in pinned host memory, streamed (offload="all")."""
+                    offload: bool | str = False):
+    """The whole sampler program; `offload`: the DiT blocks in pinned host memory, streamed (offload="all").
+
+    offload="3d": as True, but the stacked 2-D leaves stay on the device (`_keep_2d_on_device`).
+    """
     from lens_jax import parallel
     from lens_jax.models import transformer as dit
     from lens_jax.models import vae as vae_lib
@@ -127,6 +138,8 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
     dit_sh = parallel.logical_shardings(dit_abs, dit.param_axes(dit_config), mesh)
     if offload:  # as LensPipeline does for offload="all"
         dit_sh = offload_lib.on_host(dit_sh, registry.component("transformer").stacked_key)
+        if offload == "3d":
+            dit_sh = _keep_2d_on_device(dit_sh, dit_abs)
     vae_sh = parallel.replicated_shardings(vae_abs, mesh)
     h = w = size // PIXELS_PER_TOKEN
     spec = sampler_lib.SamplerSpec(dit_config, vae_config, (h, w), steps, cfg, True, False, jnp.dtype(jnp.bfloat16),
@@ -199,11 +212,9 @@ def compile_train_step(configs, mesh, size: int, lora: bool, text_tokens: int, b
     else:
         base, trainable = {}, _abstract(params32, base_sh)
     optimizer = trainer_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    rng = jax.random.key_data(jax.random.key(cfg.train.seed))
-
-    def init(params):  # Trainer._init_state's state (no EMA in the default config)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
-
+    # Trainer._init_state's state and layout (no EMA in the default config).
+    init = partial(trainer_lib.init_state, optimizer, rng=jax.random.key_data(jax.random.key(cfg.train.seed)),
+                   shardings=jax.tree.map(lambda a: a.sharding, trainable))
     init_compiled = jax.jit(init).lower(trainable).compile()
     shapes = jax.eval_shape(init, trainable)
     shardings = jax.tree.map(lambda a, s: replicated if a.ndim == 0 or a.dtype == jnp.uint32 else s, shapes,
@@ -242,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--topology", nargs="+", default=list(TOPOLOGIES),
                     help="v5e-8 / v5p-8 / v6e-8 or a raw topology name such as v5e:2x2")
     ap.add_argument("--config", default="lens", choices=["lens", "tiny"], help="lens_jax/configs/<config>")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override the DiT's block count (quick structural checks at real widths)")
     ap.add_argument("--sizes", nargs="+", type=int, default=[1024, 1440], help="square image sizes in pixels")
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1: the rest)")
     ap.add_argument("--batch", type=int, default=1, help="images per sampler program")
@@ -258,6 +271,10 @@ def main(argv=None) -> int:
     from lens_jax import parallel
 
     configs = load_configs(args.config)
+    if args.layers:
+        import dataclasses
+
+        configs["dit"] = dataclasses.replace(configs["dit"], num_layers=args.layers)
     rows = []
     print(f"jax {jax.__version__}; AOT compile only (no TPU is used); memory per chip, FLOPs per program (all chips)")
     print("| topology | program | mesh (data,fsdp,tensor) | args+out GiB/chip | temp GiB/chip | device total / HBM GiB | "
@@ -272,16 +289,16 @@ def main(argv=None) -> int:
         train_batch = args.train_batch or d * f
         jobs = []
         for size in args.sizes:
-            for off in ("", "-offload"):
-                tail = " offload=all" if off else ""
+            for off, mode in (("", False), ("-offload", True), ("-offload3d", "3d")):
+                tail = {"": "", "-offload": " offload=all", "-offload3d": " offload=all, 2-D stacked on device"}[off]
                 if "cfg" + off in args.programs:
                     jobs.append((f"sampler {size}² CFG 20 steps + decode{tail}",
-                                 lambda s=size, o=bool(off): compile_sampler(configs, mesh, s, True, 20,
-                                                                             args.text_tokens, args.batch, o)))
+                                 lambda s=size, o=mode: compile_sampler(configs, mesh, s, True, 20,
+                                                                        args.text_tokens, args.batch, o)))
                 if "turbo" + off in args.programs:
                     jobs.append((f"sampler {size}² Turbo 4 steps + decode{tail}",
-                                 lambda s=size, o=bool(off): compile_sampler(configs, mesh, s, False, 4,
-                                                                             args.text_tokens, args.batch, o)))
+                                 lambda s=size, o=mode: compile_sampler(configs, mesh, s, False, 4,
+                                                                        args.text_tokens, args.batch, o)))
             remat = None if args.remat == "none" else args.remat
             if "train_lora" in args.programs:
                 jobs.append((f"train step LoRA r{args.rank} {size}² batch {train_batch} remat={remat}",
@@ -296,7 +313,13 @@ def main(argv=None) -> int:
                          lambda: compile_text_encoder(configs, mesh, args.text_tokens, 2)))
         for label, job in jobs:
             t0 = time.perf_counter()
-            compiled = job()
+            try:
+                compiled = job()
+            except Exception as e:  # report the compiler's refusal as a row and go on with the others
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"| {name} | {label} | {d},{f},{t} | FAILED: {type(e).__name__}: {first[:300]} | | | | "
+                      f"{time.perf_counter() - t0:.0f} |", flush=True)
+                continue
             a, tmp, tflop = _stats(compiled)
             row = Row(name, label, f"{d},{f},{t}", a, tmp, hbm_gib(name), tflop, time.perf_counter() - t0,
                       _host_stats(compiled))
