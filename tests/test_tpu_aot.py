@@ -1,4 +1,5 @@
-"""TPU-only compile failures caught without a TPU: AOT-compile the tiny sampler for a v5e:2x2 topology.
+"""TPU-only compile failures caught without a TPU: AOT-compile the tiny sampler and the trainer's
+train step (LoRA and full) for a v5e:2x2 topology.
 
 The compiled program must hold the splash attention kernel (a Mosaic TPU custom call, run under
 shard_map over the fsdp mesh) and fit the chip. Needs libtpu (the `tpu-aot` extra; .ci/run installs it); the
