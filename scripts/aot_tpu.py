@@ -5,14 +5,14 @@ tensor) mesh from the topology's abstract devices, takes abstract bf16 parameter
 (jax.eval_shape of init_params) sharded by lens_jax.parallel's logical rules, lowers and compiles
 
 - the sampler (`sampling.build_programs(...).whole`: every denoising step + the VAE decode) at the
-  given resolutions, Lens (CFG, 20 steps) and Lens-Turbo (no CFG, 4 steps), and
+  given resolutions, Lens (CFG, 20 steps) and Lens-Turbo (no CFG, 4 steps),
 - the GPT-OSS text encoder (MXFP4-packed experts as the checkpoint ships them) for a CFG pair,
 - the sampler with the DiT's blocks in pinned host memory, streamed (`offload="all"`,
   `lens_jax.parallel.offload`; programs `cfg-offload` / `turbo-offload`), and
 - the whole train step as `lens-jax train` compiles it (`lens_jax.training.trainer.train_step`:
   sigma/noise sampling, DiT forward, backward through the remat policy, optax AdamW update), for
-  LoRA (rank 32 on attention + MLP, frozen base) and full fine-tuning (float32 master weights),
-
+  LoRA (`train_lora`: rank 32 on attention + MLP, frozen bf16 base) and full fine-tuning
+  (`train_full`: float32 master weights and AdamW moments),
 
 and prints per-chip memory from `compiled.memory_analysis()` against the chip's HBM and XLA's
 FLOP count from `cost_analysis()`. Nothing runs: these are compiler figures, not measurements.
