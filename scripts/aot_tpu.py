@@ -5,14 +5,27 @@ tensor) mesh from the topology's abstract devices, takes abstract bf16 parameter
 (jax.eval_shape of init_params) sharded by lens_jax.parallel's logical rules, lowers and compiles
 
 - the sampler (`sampling.build_programs(...).whole`: every denoising step + the VAE decode) at the
-  given resolutions, Lens (CFG, 20 steps) and Lens-Turbo (no CFG, 4 steps), and
+  given resolutions, Lens (CFG, 20 steps) and Lens-Turbo (no CFG, 4 steps),
 - the GPT-OSS text encoder (MXFP4-packed experts as the checkpoint ships them) for a CFG pair,
+- the sampler with the DiT's blocks in pinned host memory, streamed (`offload="all"`,
+  `lens_jax.parallel.offload`; programs `cfg-offload` / `turbo-offload`), and
+- the whole train step as `lens-jax train` compiles it (`lens_jax.training.trainer.train_step`:
+  sigma/noise sampling, DiT forward, backward through the remat policy, optax AdamW update), for
+  LoRA (`train_lora`: rank 32 on attention + MLP, frozen bf16 base) and full fine-tuning
+  (`train_full`: float32 master weights and AdamW moments),
 
 and prints per-chip memory from `compiled.memory_analysis()` against the chip's HBM and XLA's
 FLOP count from `cost_analysis()`. Nothing runs: these are compiler figures, not measurements.
 
     python scripts/aot_tpu.py                                  # v5e-8, v5p-8, v6e-8; 1024 and 1440
+    python scripts/aot_tpu.py --topology v5e-8 --sizes 1024 --programs train_lora train_full
+    python scripts/aot_tpu.py --topology v5e-8 --mesh 1,1,1 --sizes 1024 --programs cfg cfg-offload
     python scripts/aot_tpu.py --topology v5e:2x2 --config tiny --sizes 64 --text-tokens 64
+
+A mesh smaller than the topology uses its first devices (`--mesh 1,1,1`: one chip holds the whole
+model). Memory columns: "args+out" are the program's arguments and outputs in device memory
+(donated/aliased buffers counted once), "host" those in pinned host memory (offloaded blocks),
+"temp" XLA's temporaries; all per chip.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 # libtpu takes a lock file and probes for TPU hosts; neither applies to a compile-only client.
@@ -41,6 +55,10 @@ TOPOLOGIES = {
 HBM_BY_PREFIX = {"v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v4": 32}
 
 
+PROGRAMS = ("cfg", "turbo", "text", "cfg-offload", "turbo-offload", "cfg-offload3d", "turbo-offload3d", "train_lora",
+            "train_full")
+
+
 @dataclass
 class Row:
     topology: str
@@ -51,10 +69,12 @@ class Row:
     hbm_gib: float
     tflop: float
     seconds: float
+    host_gib: float = 0.0
 
     def line(self) -> str:
         total = self.args_gib + self.temp_gib
-        return (f"| {self.topology} | {self.program} | {self.mesh} | {self.args_gib:.2f} | {self.temp_gib:.2f} | "
+        host = f" (+{self.host_gib:.2f} host)" if self.host_gib else ""
+        return (f"| {self.topology} | {self.program} | {self.mesh} | {self.args_gib:.2f}{host} | {self.temp_gib:.2f} | "
                 f"{total:.2f} / {self.hbm_gib:g} | {self.tflop:.1f} | {self.seconds:.0f} |")
 
 
@@ -76,6 +96,7 @@ def _abstract(tree, shardings):
 
 
 def _stats(compiled) -> tuple[float, float, float]:
+    """(device args + outputs - aliased, temporaries) in GiB per chip and XLA's TFLOP count."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -83,22 +104,47 @@ def _stats(compiled) -> tuple[float, float, float]:
     return args, mem.temp_size_in_bytes / GIB, float(cost.get("flops", float("nan"))) / 1e12
 
 
-def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens: int, batch: int):
+def _host_stats(compiled) -> float:
+    """GiB per chip of arguments + outputs in host memory (XLA's host_* figures; 0 without offload)."""
+    mem = compiled.memory_analysis()
+    total = sum(getattr(mem, f"host_{k}_size_in_bytes", 0) or 0 for k in ("argument", "output"))
+    return (total - (getattr(mem, "host_alias_size_in_bytes", 0) or 0)) / GIB
+
+
+def _keep_2d_on_device(shardings, abstract):
+    """Stacked [layers, width] leaves (biases, norm scales) back in device memory: the TPU compiler cannot
+    slice one layer (one sublane row) out of a 2-D array in pinned host memory."""
+    return jax.tree.map(lambda s, a: s.with_memory_kind("device") if a.ndim <= 2 else s, shardings, abstract)
+
+
+def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens: int, batch: int,
+                    offload: bool | str = False):
+    """The whole sampler program; `offload`: the DiT blocks in pinned host memory, streamed (offload="all").
+
+    offload="3d": as True, but the stacked 2-D leaves stay on the device (`_keep_2d_on_device`).
+    """
     from lens_jax import parallel
     from lens_jax.models import transformer as dit
     from lens_jax.models import vae as vae_lib
+    from lens_jax.parallel import offload as offload_lib
     from lens_jax.sampling import sampler as sampler_lib
     from lens_jax.sampling.resolution import PIXELS_PER_TOKEN
+    from lens_jax.weights import registry
 
     dit_config, vae_config = configs["dit"], configs["vae"]
     key = jax.random.key(0)
     dit_abs = jax.eval_shape(lambda: dit.init_params(dit_config, key, jnp.bfloat16))
     vae_abs = jax.eval_shape(lambda: vae_lib.init_params(vae_config, key, jnp.bfloat16))
     dit_sh = parallel.logical_shardings(dit_abs, dit.param_axes(dit_config), mesh)
+    if offload:  # as LensPipeline does for offload="all"
+        dit_sh = offload_lib.on_host(dit_sh, registry.component("transformer").stacked_key)
+        if offload == "3d":
+            dit_sh = _keep_2d_on_device(dit_sh, dit_abs)
     vae_sh = parallel.replicated_shardings(vae_abs, mesh)
     h = w = size // PIXELS_PER_TOKEN
     spec = sampler_lib.SamplerSpec(dit_config, vae_config, (h, w), steps, cfg, True, False, jnp.dtype(jnp.bfloat16),
-                                   None, parallel.DEFAULT_RULES.bind(mesh))
+                                   None, parallel.DEFAULT_RULES.bind(mesh) if mesh.size > 1 else None,
+                                   parallel.HostStream() if offload else None)
     rows = 2 * batch if cfg else batch
     programs = sampler_lib.build_programs(spec, mesh, sampler_lib.ShardingTree(dit_sh),
                                           sampler_lib.ShardingTree(vae_sh), batch, rows)
@@ -133,6 +179,62 @@ def compile_text_encoder(configs, mesh, text_tokens: int, rows: int):
                     sharding=parallel.DEFAULT_RULES.bind(mesh)).compile()
 
 
+def compile_train_step(configs, mesh, size: int, lora: bool, text_tokens: int, batch: int, rank: int = 32,
+                       base_dtype=jnp.bfloat16, remat: str | None = "dots"):
+    """The trainer's compiled micro-step (`trainer.train_step`) on abstract state, laid out as `Trainer` lays it out.
+
+    LoRA: the frozen base (`base_dtype`) sharded by the logical rules, the adapter replicated;
+    full: float32 master weights sharded by the logical rules. The optimizer state is placed
+    where XLA puts `optimizer.init(params)` (as `Trainer._init_state` does), scalars and the RNG
+    replicated; the batch is split over (data, fsdp) as `Trainer.device_batch` splits it.
+    """
+    from lens_jax import parallel
+    from lens_jax.models import lora as lora_lib
+    from lens_jax.models import transformer as dit
+    from lens_jax.sampling.resolution import PIXELS_PER_TOKEN
+    from lens_jax.training import trainer as trainer_lib
+    from lens_jax.training.config import config_from_dict
+
+    dit_config = configs["dit"]
+    cfg = config_from_dict({"model": {"compute_dtype": "bfloat16", "remat": remat},
+                            "lora": {"enabled": lora, "rank": rank}, "train": {"progress": False}})
+    rules = parallel.rules_from_mapping(cfg.parallel.rules)
+    params32 = jax.eval_shape(lambda: dit.init_params(dit_config, jax.random.key(0), jnp.float32))
+    base_sh = parallel.logical_shardings(params32, dit.param_axes(dit_config), mesh, rules)
+    replicated = parallel.replicated(mesh)
+    if lora:
+        base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, base_dtype), params32)
+        base = _abstract(base, base_sh)
+        adapter = jax.eval_shape(lambda: lora_lib.init_adapter(params32, dit_config, jax.random.key(1),
+                                                               targets=cfg.lora.targets, rank=cfg.lora.rank,
+                                                               alpha=cfg.lora.alpha))
+        trainable = _abstract(adapter, jax.tree.map(lambda _: replicated, adapter))
+    else:
+        base, trainable = {}, _abstract(params32, base_sh)
+    optimizer = trainer_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    # Trainer._init_state's state and layout (no EMA in the default config).
+    init = partial(trainer_lib.init_state, optimizer, rng=jax.random.key_data(jax.random.key(cfg.train.seed)),
+                   shardings=jax.tree.map(lambda a: a.sharding, trainable))
+    init_compiled = jax.jit(init).lower(trainable).compile()
+    shapes = jax.eval_shape(init, trainable)
+    shardings = jax.tree.map(lambda a, s: replicated if a.ndim == 0 or a.dtype == jnp.uint32 else s, shapes,
+                             init_compiled.output_shardings)
+    state = _abstract(shapes, shardings)
+    leaves, treedef = jax.tree.flatten(shardings)
+    spec = trainer_lib.StepSpec.from_config(cfg, dit_config, rules.bind(mesh) if mesh.size > 1 else None,
+                                            (treedef, tuple(leaves)))
+    h = w = size // PIXELS_PER_TOKEN
+    sds = jax.ShapeDtypeStruct
+    batch_abs = {
+        "latents": sds((batch, h * w, dit_config.in_channels), jnp.float32,
+                       sharding=parallel.batch_sharding(mesh, batch, 3)),
+        "features": [sds((batch, text_tokens, dit_config.enc_hidden_dim), jnp.float32,
+                         sharding=parallel.batch_sharding(mesh, batch, 3))] * dit_config.num_text_layers,
+        "mask": sds((batch, text_tokens), jnp.bool_, sharding=parallel.batch_sharding(mesh, batch, 2)),
+    }
+    return trainer_lib.train_step.lower(state, base, batch_abs, grid=(h, w), spec=spec).compile()
+
+
 def load_configs(which: str):
     from lens_jax.models import text_encoder as te
     from lens_jax.models import transformer as dit
@@ -151,19 +253,31 @@ def main(argv=None) -> int:
     ap.add_argument("--topology", nargs="+", default=list(TOPOLOGIES),
                     help="v5e-8 / v5p-8 / v6e-8 or a raw topology name such as v5e:2x2")
     ap.add_argument("--config", default="lens", choices=["lens", "tiny"], help="lens_jax/configs/<config>")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override the DiT's block count (quick structural checks at real widths)")
     ap.add_argument("--sizes", nargs="+", type=int, default=[1024, 1440], help="square image sizes in pixels")
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1: the rest)")
-    ap.add_argument("--batch", type=int, default=1, help="images per program")
+    ap.add_argument("--batch", type=int, default=1, help="images per sampler program")
+    ap.add_argument("--train-batch", type=int, default=None,
+                    help="train step global batch (default: 1 per data x fsdp shard, i.e. one image per chip)")
+    ap.add_argument("--rank", type=int, default=32, help="LoRA rank for train_lora")
+    ap.add_argument("--remat", default="dots", help="train step remat policy (the trainer's default: dots)")
     ap.add_argument("--text-tokens", type=int, default=192, help="text bucket (tokens)")
-    ap.add_argument("--programs", nargs="+", default=["cfg", "turbo", "text"], choices=["cfg", "turbo", "text"])
+    ap.add_argument("--programs", nargs="+", default=["cfg", "turbo", "text"], choices=PROGRAMS,
+                    help="also: cfg-offload / turbo-offload (DiT blocks streamed from pinned host memory), "
+                         "train_lora / train_full (the trainer's step)")
     args = ap.parse_args(argv)
 
     from lens_jax import parallel
 
     configs = load_configs(args.config)
+    if args.layers:
+        import dataclasses
+
+        configs["dit"] = dataclasses.replace(configs["dit"], num_layers=args.layers)
     rows = []
     print(f"jax {jax.__version__}; AOT compile only (no TPU is used); memory per chip, FLOPs per program (all chips)")
-    print("| topology | program | mesh (data,fsdp,tensor) | args+out GiB/chip | temp GiB/chip | total / HBM GiB | "
+    print("| topology | program | mesh (data,fsdp,tensor) | args+out GiB/chip | temp GiB/chip | device total / HBM GiB | "
           "XLA TFLOP | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.topology:
@@ -171,23 +285,44 @@ def main(argv=None) -> int:
         d, f, t = (int(x) for x in args.mesh.split(","))
         n = len(devices)
         d, f = (n // (f * t), f) if d == -1 else (d, n // (d * t) if f == -1 else f)
-        mesh = parallel.make_mesh(d, f, t, devices=devices)
+        mesh = parallel.make_mesh(d, f, t, devices=devices[:d * f * t])
+        train_batch = args.train_batch or d * f
         jobs = []
         for size in args.sizes:
-            if "cfg" in args.programs:
-                jobs.append((f"sampler {size}² CFG 20 steps + decode",
-                             lambda s=size: compile_sampler(configs, mesh, s, True, 20, args.text_tokens, args.batch)))
-            if "turbo" in args.programs:
-                jobs.append((f"sampler {size}² Turbo 4 steps + decode",
-                             lambda s=size: compile_sampler(configs, mesh, s, False, 4, args.text_tokens, args.batch)))
+            for off, mode in (("", False), ("-offload", True), ("-offload3d", "3d")):
+                tail = {"": "", "-offload": " offload=all", "-offload3d": " offload=all, 2-D stacked on device"}[off]
+                if "cfg" + off in args.programs:
+                    jobs.append((f"sampler {size}² CFG 20 steps + decode{tail}",
+                                 lambda s=size, o=mode: compile_sampler(configs, mesh, s, True, 20,
+                                                                        args.text_tokens, args.batch, o)))
+                if "turbo" + off in args.programs:
+                    jobs.append((f"sampler {size}² Turbo 4 steps + decode{tail}",
+                                 lambda s=size, o=mode: compile_sampler(configs, mesh, s, False, 4,
+                                                                        args.text_tokens, args.batch, o)))
+            remat = None if args.remat == "none" else args.remat
+            if "train_lora" in args.programs:
+                jobs.append((f"train step LoRA r{args.rank} {size}² batch {train_batch} remat={remat}",
+                             lambda s=size: compile_train_step(configs, mesh, s, True, args.text_tokens, train_batch,
+                                                               args.rank, remat=remat)))
+            if "train_full" in args.programs:
+                jobs.append((f"train step full f32 master {size}² batch {train_batch} remat={remat}",
+                             lambda s=size: compile_train_step(configs, mesh, s, False, args.text_tokens, train_batch,
+                                                               remat=remat)))
         if "text" in args.programs:
             jobs.append((f"text encoder 2 x {args.text_tokens} tokens",
                          lambda: compile_text_encoder(configs, mesh, args.text_tokens, 2)))
         for label, job in jobs:
             t0 = time.perf_counter()
-            compiled = job()
+            try:
+                compiled = job()
+            except Exception as e:  # report the compiler's refusal as a row and go on with the others
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"| {name} | {label} | {d},{f},{t} | FAILED: {type(e).__name__}: {first[:300]} | | | | "
+                      f"{time.perf_counter() - t0:.0f} |", flush=True)
+                continue
             a, tmp, tflop = _stats(compiled)
-            row = Row(name, label, f"{d},{f},{t}", a, tmp, hbm_gib(name), tflop, time.perf_counter() - t0)
+            row = Row(name, label, f"{d},{f},{t}", a, tmp, hbm_gib(name), tflop, time.perf_counter() - t0,
+                      _host_stats(compiled))
             rows.append(row)
             print(row.line(), flush=True)
     return 0

@@ -36,7 +36,7 @@ from .config import LoraConfig, ModelConfig, OptimConfig, TimestepConfig, TrainC
 from .objective import TimestepSampler, flow_matching_loss, sample_sigmas
 
 __all__ = ["Trainer", "StepSpec", "make_optimizer", "learning_rate_schedule", "make_train_step", "train_step",
-           "step_flops"]
+           "step_flops", "init_state"]
 
 Params = dict[str, Any]
 
@@ -164,6 +164,21 @@ def step_flops(config: dit.TransformerConfig, batch: int, image_tokens: int, tex
     return float(fwd + backward + recompute)
 
 
+def init_state(optimizer: optax.GradientTransformation, params: Params, *, rng: jax.Array, ema: bool = False,
+               shardings: Any = None) -> dict:
+    """The fresh train state (trace under jit). With `shardings` (a tree like `params`), every
+    optimizer leaf shaped like a parameter (AdamW's mu and nu) is laid out like that parameter:
+    left to XLA, the zeros `optimizer.init` makes depend on no input and come out replicated,
+    i.e. the whole float32 optimizer state on every chip of an FSDP mesh."""
+    opt_state = optimizer.init(params)
+    if shardings is not None:
+        opt_state = optax.tree_map_params(optimizer, jax.lax.with_sharding_constraint, opt_state, shardings)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state, "rng": rng}
+    if ema:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
 @dataclass
 class _Writers:
     jsonl: Any
@@ -222,14 +237,8 @@ class Trainer:
     def _init_state(self, trainable) -> dict:
         rng = jax.random.key_data(jax.random.key(self.cfg.train.seed))
         replicated = parallel.replicated(self.mesh)
-
-        def init(params):
-            state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params),
-                     "rng": rng}
-            if self.cfg.optim.ema_decay is not None:
-                state["ema"] = jax.tree.map(jnp.copy, params)
-            return state
-
+        init = partial(init_state, self.optimizer, rng=rng, ema=self.cfg.optim.ema_decay is not None,
+                       shardings=jax.tree.map(lambda x: x.sharding, trainable))
         state = jax.jit(init)(trainable)
         # Scalars and the RNG replicated explicitly; everything else keeps the sharding XLA gave it.
         return jax.tree.map(lambda x: jax.device_put(x, replicated) if x.ndim == 0 or x.dtype == jnp.uint32 else x,
