@@ -326,7 +326,7 @@ def find_converted(path: str | Path) -> tuple[Path, str] | None:
     for root in (p, *p.parents[:3]):
         if is_converted(root):
             m = json.loads((root / MANIFEST).read_text())
-            quantised = (m.get("components", {}).get("transformer") or {}).get("quantize")
+            quantised = _dit_quantize(m)
             return root, (f"a lens-jax conversion output (orbax, {m.get('dtype')}"
                           f"{f', DiT quantised {quantised}' if quantised else ''})")
     return None
@@ -386,7 +386,7 @@ def stored_quantize(root: str | Path, quantize: str | None = None, manifest: dic
     mode is accepted: the caller quantises after loading."""
     quant.check_mode(quantize)
     manifest = read_manifest(root) if manifest is None else manifest
-    stored = (manifest.get("components", {}).get("transformer") or {}).get("quantize")
+    stored = _dit_quantize(manifest)
     if stored is not None and stored not in quant.MODES:
         raise ConvertedCheckpointError(f"{root}: unknown DiT quantisation {stored!r} in {MANIFEST}; {_REDO}")
     if stored is not None and quantize is not None and quantize != stored:
@@ -398,12 +398,14 @@ def stored_quantize(root: str | Path, quantize: str | None = None, manifest: dic
     return stored
 
 
-def _quantized(abstract, axes, mode: str | None):
-    """(abstract, axes) of the params as stored quantised in `mode` (unchanged when None)."""
-    if mode is None:
-        return abstract, axes
-    abstract = jax.eval_shape(lambda a: quant.quantize_params(a, mode), abstract)
-    return abstract, None if axes is None else quant.quantized_axes(axes, abstract)
+def _quantized(abstract, mode: str | None):
+    """The abstract params as stored quantised in `mode` (unchanged when None)."""
+    return abstract if mode is None else jax.eval_shape(lambda a: quant.quantize_params(a, mode), abstract)
+
+
+def _dit_quantize(manifest: dict) -> str | None:
+    """The DiT quantisation a manifest records (None: unquantised or no DiT)."""
+    return (manifest.get("components", {}).get("transformer") or {}).get("quantize")
 
 
 def check_components(root: str | Path, names: Sequence[str] = tuple(COMPONENTS)) -> dict:
@@ -451,11 +453,12 @@ def load_component(root: str | Path, component: str, dtype, *, mesh=None, fsdp: 
                 )
             options["lm_head"] = True
     mode = stored_quantize(root, quantize, manifest) if component == "transformer" else None
-    abstract, _ = _quantized(spec.abstract_params(config, dtype, **options), None, mode)
+    abstract = _quantized(spec.abstract_params(config, dtype, **options), mode)
     if mesh is None:
         shardings = None
     elif fsdp:
-        _, axes = _quantized(spec.abstract_params(config, dtype, **options), spec.param_axes(config, **options), mode)
+        axes = spec.param_axes(config, **options)
+        axes = axes if mode is None else quant.quantized_axes(axes, abstract)
         shardings = parallel.logical_shardings(abstract, axes, mesh, rules or parallel.DEFAULT_RULES)
     else:
         shardings = parallel.replicated_shardings(abstract, mesh)
@@ -481,7 +484,7 @@ def check_component(root: str | Path, component: str, dtype, *, keep_mxfp4: bool
     if component == "text_encoder":
         options = {"packed": text_encoder_packed(root, manifest, keep_mxfp4), "num_layers": num_layers}
     mode = stored_quantize(root, quantize, manifest) if component == "transformer" else None
-    abstract, _ = _quantized(spec.abstract_params(config, dtype, **options), None, mode)
+    abstract = _quantized(spec.abstract_params(config, dtype, **options), mode)
     path = root / component / PARAMS_DIR
     what = f"converted {component}"
     check_files(path, what, manifest["components"][component].get("param_files"))
