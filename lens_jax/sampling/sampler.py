@@ -9,6 +9,10 @@ the persistent compilation cache keeps them all), and nothing is shared between 
 pipelines or two threads sample independently. A callback may raise to cancel a run; the
 exception propagates at the next step boundary.
 
+The blocks' modulation (a function of the timestep alone) is computed once per generation
+(`lens_jax.sampling.modulation`): before the step scan in the whole program, by a `table`
+program whose result every step program takes in the host-driven loop.
+
 Steps before `start` are skipped (`lax.cond`): image-to-image starts later in the same
 schedule without a new program. Inpainting (`SamplerSpec.inpaint`) takes `known` = (known
 latents x0, their noise, latent mask [B, h*w, 1] with 1 = repaint) as arguments: after every
