@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 import lens_jax.transformer as T
 from lens_jax import LensPipeline
 from lens_jax.models import lora as lora_lib
+from lens_jax.models import quant
 from lens_jax.models import transformer as M
 from lens_jax.sampling import modulation
 from lens_jax.sampling import sampler as sampler_lib
@@ -199,3 +200,15 @@ def test_int8_keeps_the_modulation_in_host_memory_and_images_unchanged(int8_pipe
     assert np.abs(lora_images - want).max() > 1e-4
     for cb, got in with_table.items():
         np.testing.assert_array_equal(got, want, err_msg=f"callback={cb}")
+
+
+def test_auto_offload_sizes_the_quantised_dit_without_its_modulation_kernels():
+    from lens_jax.pipelines import components
+
+    dense = components.estimate_bytes(TINY, np.float32)[0]
+    int8 = components.estimate_bytes(TINY, np.float32, quantize="int8")[0]
+    c = T.TransformerConfig.from_json(TINY / "transformer" / "config.json")
+    mod_kernels = 2 * c.num_layers * c.inner_dim * 6 * c.inner_dim * 4  # float32
+    quantised = components.tree_bytes(jax.eval_shape(
+        lambda: quant.quantize_params(M.init_params(c, jax.random.key(0)), "int8")))
+    assert int8 == quantised - mod_kernels < dense
