@@ -56,7 +56,8 @@ def test_sampler_programs_have_no_host_callbacks_with_progress(monkeypatch):
     p, v, x, f, m, s, t, g, start = seen["args"]
     lowered = {
         "whole": programs.whole.lower(p, v, x, f, m, s, t, g, start),
-        "step": programs.step.lower(p, x, f, m, s, t, g, start),
+        "step": programs.step.lower(p, x, f, m, s, t, g, start, programs.table(p, t)),
+        "table": programs.table.lower(p, t),
         "decode": programs.decode.lower(v, x),
     }
     for name, low in lowered.items():

@@ -107,7 +107,7 @@ def test_sampler_feeds_the_dit_the_golden_timesteps(io, monkeypatch):
 
     # A DiT stand-in that returns the timestep it was given, broadcast to the latents' shape.
     monkeypatch.setattr(sampler_lib.dit, "apply",
-                        lambda params, config, x, feats, mask, t, *rest: jnp.broadcast_to(t[:, None, None], x.shape))
+                        lambda params, config, x, feats, mask, t, *rest, **kw: jnp.broadcast_to(t[:, None, None], x.shape))
     spec = SimpleNamespace(use_cfg=False, dit_config=None, img_shape=None, compute_dtype=None, attention_impl=None,
                            sharding=None, stream=None)
     _, timesteps = schedule(4, 20)

@@ -40,6 +40,9 @@ __all__ = [
     "block",
     "LensTransformer",
     "param_axes",
+    "MODULATION_KEYS",
+    "modulation_table",
+    "modulation_rows",
 ]
 
 Params = dict[str, Any]
@@ -276,8 +279,12 @@ def embed_text(params: Params, features: Sequence[jax.Array], dtype) -> jax.Arra
 
 
 def _modulation(p: Params, temb_act: jax.Array) -> tuple[jax.Array, ...]:
-    """SiLU(temb) -> Linear -> 6 chunks: (shift, scale, gate) for attention, then for the MLP."""
-    return tuple(c[:, None, :] for c in jnp.split(dense(temb_act, p), 6, axis=-1))
+    """SiLU(temb) -> Linear -> 6 chunks: (shift, scale, gate) for attention, then for the MLP.
+
+    `p` is the Linear's dict, or an already computed row of `modulation_table` ([6d] shared by
+    the batch, or [B, 6d]), which is split the same way."""
+    mod = p if isinstance(p, jax.Array) else dense(temb_act, p)
+    return tuple(jnp.expand_dims(c, -2) for c in jnp.split(mod, 6, axis=-1))
 
 
 def _modulate(x: jax.Array, norm_weight: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -387,6 +394,7 @@ def apply(
     lora: dict | None = None,
     lora_multiplier=1.0,
     remat: str | None = None,
+    modulation: dict | None = None,
 ) -> jax.Array:
     """DiT forward: velocity [B, h*w, patch^2 * out_channels] for image tokens [B, h*w, in_channels].
 
@@ -399,6 +407,10 @@ def apply(
     `remat` (training) wraps the scanned block in `jax.checkpoint` with a policy of REMAT_POLICIES.
     `lora`: an adapter (`lens_jax.models.lora`) applied unmerged at `lora_multiplier`: each block's
     kernels are merged inside the scan body, one layer at a time (differentiable in the adapter).
+    `modulation`: the blocks' modulation for this call, `modulation_rows(modulation_table(...), i)`
+    ({"img_mod", "txt_mod"}: [L, 6d] shared by the batch, or [L, B, 6d]); the scan then never reads
+    the `img_mod`/`txt_mod` kernels (they may stay in host memory). Same values, bit for bit, as
+    computing them here from `timestep` when the table was made from the same sigmas.
     """
     top_lora, block_lora = lora_lib.split_stacked(lora_lib.scale_factors(lora or {}, lora_multiplier))
     params = lora_lib.merge_factors(params, top_lora)
@@ -420,11 +432,67 @@ def apply(
         p = lora_lib.merge_factors(*xs)
         return block(p, config, *carry, temb_act, rope, key_mask, key_lengths, attention_impl, sharding), None
 
-    (img, _), _ = scan_layers(_remat(step, remat), (img, txt), (params["transformer_blocks"], block_lora), stream)
+    blocks = params["transformer_blocks"]
+    if modulation is not None:  # precomputed rows replace the modulation Linears, which the scan never reads
+        blocks = {**{k: v for k, v in blocks.items() if k not in MODULATION_KEYS}, **_check_rows(modulation, config)}
+        block_lora = {k: v for k, v in block_lora.items() if k.split(".", 1)[0] not in MODULATION_KEYS}
+    (img, _), _ = scan_layers(_remat(step, remat), (img, txt), (blocks, block_lora), stream)
 
     scale, shift = jnp.split(dense(temb_act, params["norm_out"]["linear"]), 2, axis=-1)  # (scale, shift) order
     img = layer_norm(img, NORM_OUT_EPS) * (1 + scale[:, None]) + shift[:, None]
     return dense(img, params["proj_out"])
+
+
+# ----------------------------------------------------------------------------- precomputed modulation
+
+# The per-block modulation Linears (d -> 6d per stream): a function of the timestep alone.
+MODULATION_KEYS = ("img_mod", "txt_mod")
+
+
+def modulation_table(params: Params, config: TransformerConfig, sigmas: jax.Array, dtype=None,
+                     stream: LayerStream | None = None, lora: dict | None = None, lora_multiplier=1.0) -> dict:
+    """Every block's modulation (shift, scale, gate x 2) for every sigma: {"img_mod", "txt_mod"}: [N, L, 6d].
+
+    `sigmas` [N] are what `apply` takes as `timestep`; the values are those `apply` computes inside
+    each block (same operations in the same order), so a sampler can compute them once per
+    generation and feed `modulation_rows(table, i)` to every step. Reads only the timestep
+    embedder and the stacked `img_mod`/`txt_mod` Linears; with `stream` those are brought from
+    host memory one layer ahead (`scan_layers`). `lora`/`lora_multiplier`: an unmerged adapter as
+    in `apply` (entries on the time embedding or the modulation Linears are merged here).
+    """
+    top_lora, block_lora = lora_lib.split_stacked(lora_lib.scale_factors(lora or {}, lora_multiplier))
+    params = lora_lib.merge_factors(params, {k: v for k, v in top_lora.items() if k.startswith("time_text_embed.")})
+    dtype = jnp.dtype(dtype) if dtype is not None else params["img_in"]["kernel"].dtype
+    temb_act = jax.nn.silu(timestep_embedding(params, jnp.asarray(sigmas).reshape(-1), dtype))
+    rows = _modulation_by_layer(params["transformer_blocks"], temb_act, block_lora, stream)
+    return {k: jnp.swapaxes(v, 0, 1) for k, v in rows.items()}
+
+
+def _modulation_by_layer(blocks: Params, temb_act: jax.Array, block_lora: dict, stream: LayerStream | None) -> dict:
+    """{"img_mod", "txt_mod"}: [L, N, 6d] for SiLU(temb) [N, d], one scan over the modulation Linears alone."""
+    mods = {k: blocks[k] for k in MODULATION_KEYS}
+    mod_lora = {k: v for k, v in block_lora.items() if k.split(".", 1)[0] in MODULATION_KEYS}
+
+    def step(carry, xs):
+        p = lora_lib.merge_factors(*xs)
+        return carry, {k: dense(temb_act, p[k]) for k in MODULATION_KEYS}
+
+    return scan_layers(step, (), (mods, mod_lora), stream)[1]
+
+
+def modulation_rows(table: dict, i) -> dict:
+    """Step i's rows of a `modulation_table` ({"img_mod", "txt_mod"}: [L, 6d]), for `apply(modulation=)`."""
+    return {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in table.items()}
+
+
+def _check_rows(modulation: dict, config: TransformerConfig) -> dict:
+    want = (config.num_layers, 6 * config.inner_dim)
+    for k in MODULATION_KEYS:
+        shape = getattr(modulation.get(k), "shape", None)
+        if shape is None or shape[0] != want[0] or shape[-1] != want[1] or len(shape) not in (2, 3):
+            raise ValueError(f"modulation[{k!r}] must be [{want[0]}, ({{B}},) {want[1]}] rows of modulation_table "
+                             f"(modulation_rows(table, i)); got {shape}.")
+    return {k: modulation[k] for k in MODULATION_KEYS}
 
 
 # ----------------------------------------------------------------------------- user-facing wrapper

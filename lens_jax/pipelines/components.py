@@ -150,6 +150,8 @@ def estimate_bytes(root: Path, dtype, keep_mxfp4: bool | None = None,
     if quantize is not None:
         dit_shapes = jax.eval_shape(functools.partial(quant.quantize_params, mode=quantize), dit_shapes)
     dit_bytes = tree_bytes(dit_shapes)
+    if quantize is not None:  # its bf16 img_mod/txt_mod kernels stay in pinned host memory (sampling.modulation)
+        dit_bytes -= tree_bytes([dit_shapes["transformer_blocks"][k]["kernel"] for k in dit.MODULATION_KEYS])
     te_bytes = tree_bytes(jax.eval_shape(lambda: te_lib.init_params(te_config.truncated(needed), jax.random.key(0), dtype,
                                                               packed=packed)))
     return dit_bytes, te_bytes, 4 * 2**30  # activations: a generous bound for 1440^2 with CFG in bf16

@@ -9,6 +9,10 @@ the persistent compilation cache keeps them all), and nothing is shared between 
 pipelines or two threads sample independently. A callback may raise to cancel a run; the
 exception propagates at the next step boundary.
 
+The blocks' modulation (a function of the timestep alone) is computed once per generation
+(`lens_jax.sampling.modulation`): before the step scan in the whole program, by a `table`
+program whose result every step program takes in the host-driven loop.
+
 Steps before `start` are skipped (`lax.cond`): image-to-image starts later in the same
 schedule without a new program. Inpainting (`SamplerSpec.inpaint`) takes `known` = (known
 latents x0, their noise, latent mask [B, h*w, 1] with 1 = repaint) as arguments: after every
@@ -27,6 +31,7 @@ from jax.sharding import Mesh
 from .. import parallel
 from ..models import transformer as dit
 from ..models import vae as vae_lib
+from . import modulation as modulation_lib
 from .guidance import guided_velocity
 from .scheduler import euler_step
 
@@ -48,24 +53,31 @@ class SamplerSpec:
     stream: Any = None  # DiT blocks streamed from host memory (lens_jax.parallel.HostStream) or None
     vae_tiling: Any = None  # a lens_jax.models.vae.Tiling for a tiled decode, or None
     inpaint: bool = False  # the programs take `known` = (x0, noise, latent mask) and keep x0 outside the mask
+    # The blocks' modulation computed once per generation (lens_jax.sampling.modulation); the step
+    # program then takes the table after `i`. `modulation_stream` reads img_mod/txt_mod from host memory.
+    modulation_table: bool = True
+    modulation_stream: Any = None
 
 
-def velocity(spec: SamplerSpec, dit_params, x, features, mask, t, guidance):
-    """The (guided) DiT velocity at timestep t (in [0, 1000]) for latents x [B, h*w, C], f32."""
+def velocity(spec: SamplerSpec, dit_params, x, features, mask, t, guidance, modulation=None):
+    """The (guided) DiT velocity at timestep t (in [0, 1000]) for latents x [B, h*w, C], f32.
+    `modulation`: this step's rows of the modulation table, or None to compute them in the DiT."""
     b = x.shape[0]
     x_in = jnp.concatenate([x, x]) if spec.use_cfg else x
     v = dit.apply(
         dit_params, spec.dit_config, x_in, features, mask, jnp.full((x_in.shape[0],), t / 1000.0, jnp.float32),
-        spec.img_shape, spec.compute_dtype, spec.attention_impl, spec.sharding, spec.stream,
+        spec.img_shape, spec.compute_dtype, spec.attention_impl, spec.sharding, spec.stream, modulation=modulation,
     )
     if spec.use_cfg:
         return guided_velocity(v[:b], v[b:], guidance)
     return v.astype(jnp.float32)
 
 
-def denoise_step(spec: SamplerSpec, dit_params, x, features, mask, sigmas, timesteps, guidance, i):
-    """One Euler step i of the schedule."""
-    return euler_step(x, velocity(spec, dit_params, x, features, mask, timesteps[i], guidance), sigmas[i], sigmas[i + 1])
+def denoise_step(spec: SamplerSpec, dit_params, x, features, mask, sigmas, timesteps, guidance, i, table=None):
+    """One Euler step i of the schedule (`table`: the generation's modulation table, or None)."""
+    rows = None if table is None else dit.modulation_rows(table, i)
+    return euler_step(x, velocity(spec, dit_params, x, features, mask, timesteps[i], guidance, rows), sigmas[i],
+                      sigmas[i + 1])
 
 
 def reset_known(x, known, sigma):
@@ -75,8 +87,16 @@ def reset_known(x, known, sigma):
     return latent_mask * x + (1.0 - latent_mask) * noised
 
 
-def _step(spec: SamplerSpec, dit_params, x, features, mask, sigmas, timesteps, guidance, i, known):
-    x = denoise_step(spec, dit_params, x, features, mask, sigmas, timesteps, guidance, i)
+def modulation_table(spec: SamplerSpec, dit_params, timesteps):
+    """The modulation table of the whole schedule, or None when the spec computes it in every step."""
+    if not spec.modulation_table:
+        return None
+    return modulation_lib.table(dit_params, spec.dit_config, timesteps, spec.compute_dtype,
+                                spec.modulation_stream or spec.stream)
+
+
+def _step(spec: SamplerSpec, dit_params, x, features, mask, sigmas, timesteps, guidance, i, known, table=None):
+    x = denoise_step(spec, dit_params, x, features, mask, sigmas, timesteps, guidance, i, table)
     return reset_known(x, known, sigmas[i + 1]) if spec.inpaint else x
 
 
@@ -95,11 +115,12 @@ def sample(spec: SamplerSpec, dit_params, vae_params, latents, features, mask, s
     (inpainting specs only): (x0, noise, latent mask), see `reset_known`. Returns
     (final latents [B, h*w, C] f32, image [B, H, W, 3] in [0, 1] or None, trajectory [N, B, h*w, C] or None).
     """
+    table = modulation_table(spec, dit_params, timesteps)  # once per generation
 
     def step(x, i):
         x = jax.lax.cond(
             i >= start,
-            lambda x: _step(spec, dit_params, x, features, mask, sigmas, timesteps, guidance, i, known),
+            lambda x: _step(spec, dit_params, x, features, mask, sigmas, timesteps, guidance, i, known, table),
             lambda x: x,
             x,
         )
@@ -112,11 +133,13 @@ def sample(spec: SamplerSpec, dit_params, vae_params, latents, features, mask, s
 
 @dataclass(frozen=True)
 class Programs:
-    """The compiled programs of one spec: `whole` (loop + decode), `step` and `decode` (host-driven loop)."""
+    """The compiled programs of one spec: `whole` (loop + decode), `step` and `decode` (host-driven loop),
+    and `table` (the host-driven loop's modulation table, None when the spec has none)."""
 
     whole: Callable
     step: Callable
     decode: Callable | None
+    table: Callable | None = None
 
 
 def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, batch: int, text_rows: int) -> Programs:
@@ -140,16 +163,26 @@ def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, 
         out_shardings=(lat, image, traj),
         donate_argnums=donate,
     )
+    mod = (rep,) if spec.modulation_table else ()  # the step program's table argument, after `i`
+
+    def one_step(p, x, f, m, s, t, g, i, *rest):
+        table, k = (rest[0], rest[1:]) if mod else (None, rest)
+        return _step(spec, p, x, f, m, s, t, g, i, k[0] if k else None, table)
+
     step = jax.jit(
-        lambda p, x, f, m, s, t, g, i, *k: _step(spec, p, x, f, m, s, t, g, i, k[0] if k else None),
-        in_shardings=(dit_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep) + known,
+        one_step,
+        in_shardings=(dit_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep) + mod + known,
         out_shardings=lat,
         donate_argnums=(1,) if donate else (),
     )
     dec = None
     if spec.decode:
         dec = jax.jit(lambda p, x: decode(spec, p, x), in_shardings=(vae_shardings.tree, lat), out_shardings=image)
-    return Programs(whole, step, dec)
+    table = None
+    if spec.modulation_table:
+        table = jax.jit(lambda p, t: modulation_table(spec, p, t), in_shardings=(dit_shardings.tree, rep),
+                        out_shardings=rep)
+    return Programs(whole, step, dec, table)
 
 
 def run(programs: Programs, spec: SamplerSpec, dit_params, vae_params, latents, features, mask, sigmas, timesteps,
@@ -166,8 +199,9 @@ def run(programs: Programs, spec: SamplerSpec, dit_params, vae_params, latents, 
     x = latents
     trajectory = []
     host_timesteps = np.asarray(timesteps)
+    table = (programs.table(dit_params, timesteps),) if spec.modulation_table else ()  # once, for every step
     for i in range(int(start), spec.num_steps):
-        x = programs.step(dit_params, x, features, mask, sigmas, timesteps, guidance, jnp.int32(i), *extra)
+        x = programs.step(dit_params, x, features, mask, sigmas, timesteps, guidance, jnp.int32(i), *table, *extra)
         if spec.keep_trajectory:
             trajectory.append(x)
         callback(i, float(host_timesteps[i]), x)

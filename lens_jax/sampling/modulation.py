@@ -1,0 +1,58 @@
+"""The DiT's modulation, precomputed once per generation (a table over the schedule's sigmas).
+
+Every block's (shift, scale, gate) x 2 per stream depends on the timestep alone
+(SiLU(TimestepEmbedding(sigma)) -> `img_mod`/`txt_mod` Linear, d -> 6d). For a known schedule the
+sampler computes them for every step once (`lens_jax.models.transformer.modulation_table`,
+[steps, layers, 6d] per stream: ~35 MB in bf16 for 20 steps of the real DiT) and feeds step i's
+rows to the DiT, whose block scan then never reads the modulation kernels. Those kernels are a
+third of the real DiT's weights (2 x 48 x 1536 x 9216 = 1.36 B parameters, 2.53 GiB in bf16) and
+stay in bf16 when the rest is quantised; so a quantised DiT keeps them in pinned host memory
+(`on_host`) and streams them layer by layer while the table is computed (`stream`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from .. import parallel
+from ..models import transformer as dit
+from ..parallel import offload
+
+__all__ = ["table", "on_host", "stream_for", "device_bytes"]
+
+
+def table(dit_params, config: dit.TransformerConfig, timesteps: jax.Array, compute_dtype, stream=None) -> dict:
+    """{"img_mod", "txt_mod"}: [N, L, 6d] for the schedule's `timesteps` (in [0, 1000], as the sampler
+    feeds them: the DiT takes sigma = t / 1000). `stream` brings the modulation Linears from host memory."""
+    return dit.modulation_table(dit_params, config, timesteps / 1000.0, compute_dtype, stream)
+
+
+def on_host(dit_shardings: Any, stacked_key: str = "transformer_blocks") -> Any:
+    """`dit_shardings` with the stacked `img_mod`/`txt_mod` kernels moved to pinned host memory.
+
+    The biases ([L, 6d], 0.9 MB in bf16 for the real DiT) stay on the device: the TPU compiler cannot
+    slice one layer out of a 2-D array in pinned host memory (see scripts/aot_tpu.py)."""
+    blocks = dit_shardings[stacked_key]
+    kernels = {k: {"kernel": blocks[k]["kernel"]} for k in dit.MODULATION_KEYS}
+    moved = offload.on_host({stacked_key: kernels}, stacked_key)[stacked_key]
+    return {**dit_shardings, stacked_key: {**blocks, **{k: {**blocks[k], **moved[k]} for k in dit.MODULATION_KEYS}}}
+
+
+def stream_for(mods_on_host: bool, blocks_stream=None):
+    """The stream the table computation reads the modulation Linears with: the blocks' own stream when
+    the whole stack is offloaded, a `HostStream` when only the modulation lives in host memory, else None."""
+    if blocks_stream is not None:
+        return blocks_stream
+    return parallel.HostStream() if mods_on_host else None
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes of the leaves of `tree` (arrays or ShapeDtypeStructs with shardings) that sit in device memory."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        kind = getattr(getattr(leaf, "sharding", None), "memory_kind", None)
+        if kind != offload.HOST:
+            total += leaf.size * leaf.dtype.itemsize
+    return total
