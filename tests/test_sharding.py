@@ -24,15 +24,17 @@ from lens_jax.models.axes import EMBED, EXPERTS, HEADS, MLP
 REL_TOL = 1e-5
 IMAGE_ATOL = 1e-5
 
-# Expected share of device 0, from the default rules (embed -> fsdp, heads / mlp / experts -> tensor):
-# DiT qkv [L, d=96, 3, heads=8, 12], MLP w1 [L, 96, 256], expert gate_up [L, experts=8, 64, 128]
-# (experts take the tensor axis first, so the MLP width stays whole), q_proj [L, 64, 128].
+# Expected share of device 0, from the default rules (embed -> fsdp, heads / mlp -> tensor, experts ->
+# tensor, or fsdp where tensor cannot split them): DiT qkv [L, d=96, 3, heads=8, 12], MLP w1 [L, 96, 256],
+# expert gate_up [L, experts=8, 64, 128] (experts take the tensor axis first, so the MLP width stays
+# whole), q_proj [L, 64, 128], MXFP4 gate_up blocks [L, experts=8, 128, 2, 16] (axes experts, mlp: no
+# embed axis, so without the experts' fsdp fallback they were whole on every device of a 1x8x1 mesh).
 EXPECTED = {
-    "1x8x1": {"qkv": 1 / 8, "mlp": 1 / 8, "expert": 1 / 8, "q_proj": 1 / 8},
-    "2x2x2": {"qkv": 1 / 4, "mlp": 1 / 4, "expert": 1 / 4, "q_proj": 1 / 4},
-    "1x2x4": {"qkv": 1 / 8, "mlp": 1 / 8, "expert": 1 / 8, "q_proj": 1 / 8},
-    "1x1x8": {"qkv": 1 / 8, "mlp": 1 / 8, "expert": 1 / 8, "q_proj": 1 / 8},
-    "8x1x1": {"qkv": 1.0, "mlp": 1.0, "expert": 1.0, "q_proj": 1.0},
+    "1x8x1": {"qkv": 1 / 8, "mlp": 1 / 8, "expert": 1 / 8, "q_proj": 1 / 8, "expert_packed": 1 / 8},
+    "2x2x2": {"qkv": 1 / 4, "mlp": 1 / 4, "expert": 1 / 4, "q_proj": 1 / 4, "expert_packed": 1 / 2},
+    "1x2x4": {"qkv": 1 / 8, "mlp": 1 / 8, "expert": 1 / 8, "q_proj": 1 / 8, "expert_packed": 1 / 4},
+    "1x1x8": {"qkv": 1 / 8, "mlp": 1 / 8, "expert": 1 / 8, "q_proj": 1 / 8, "expert_packed": 1 / 8},
+    "8x1x1": {"qkv": 1.0, "mlp": 1.0, "expert": 1.0, "q_proj": 1.0, "expert_packed": 1.0},
 }
 
 
@@ -58,6 +60,10 @@ def test_every_mesh_matches_one_device(report, mesh):
 def test_each_device_holds_its_share(report, mesh):
     got = {k: report[mesh][k] for k in EXPECTED[mesh]}
     assert got == pytest.approx(EXPECTED[mesh]), report[mesh]
+
+
+def test_packed_experts_split_over_fsdp_match_one_device(report):
+    assert report["packed_1x8x1_text_rel"] <= REL_TOL, report
 
 
 def test_offload_works_on_a_sharded_mesh(report):
@@ -102,6 +108,28 @@ def test_spec_resolution_skips_indivisible_and_reused_axes():
     assert rules.spec((EMBED, HEADS), (8, 8), mesh) == P("fsdp", "tensor")
     assert rules.spec((EMBED, HEADS), (8, 6), mesh) == P("fsdp")  # 6 heads: tensor=4 does not divide
     assert rules.spec((EXPERTS, EMBED, MLP), (8, 8, 8), mesh) == P("tensor", "fsdp")  # tensor used once
+
+
+def test_experts_fall_back_to_fsdp_only_where_tensor_cannot_split_them():
+    def spec(shape, axes=("layers", EXPERTS, MLP, None, None), dims=(24, 32, 5760, 90, 16), rules=None):
+        mesh = jax.sharding.AbstractMesh(shape, parallel.rules.MESH_AXES)
+        return (rules or parallel.DEFAULT_RULES).spec(axes, dims, mesh)
+
+    # The real MXFP4 gate_up blocks: over fsdp on an fsdp-only mesh (was replicated), tensor elsewhere.
+    assert spec((1, 8, 1)) == P(None, "fsdp")
+    assert spec((2, 2, 2)) == spec((1, 2, 4)) == spec((1, 1, 8)) == P(None, "tensor")
+    assert spec((1, 8, 1), dims=(24, 6, 5760, 90, 16)) == P()  # 6 experts: fsdp=8 does not divide either
+    # tensor=3 does not divide 32 experts: they take fsdp, and the MLP width (5760) takes tensor.
+    assert spec((1, 2, 3)) == P(None, "fsdp", "tensor")
+    # Float experts keep embed on fsdp wherever tensor splits the experts; fsdp-only, experts take it.
+    assert spec((2, 2, 2), ("layers", EXPERTS, EMBED, MLP), (24, 32, 2880, 5760)) == P(None, "tensor", "fsdp")
+    assert spec((1, 8, 1), ("layers", EXPERTS, EMBED, MLP), (24, 32, 2880, 5760)) == P(None, "fsdp")
+    # A user's override replaces the whole target: None replicates, a FirstOf of their own is data too.
+    assert spec((1, 8, 1), rules=parallel.DEFAULT_RULES.override(experts=None)) == P()
+    assert spec((1, 2, 4), rules=parallel.DEFAULT_RULES.override(experts=parallel.FirstOf("fsdp", "tensor"))) \
+        == P(None, "fsdp", "tensor")
+    with pytest.raises(ValueError, match="not a mesh axis"):
+        parallel.DEFAULT_RULES.override(experts=parallel.FirstOf("tensor", "model"))
 
 
 def test_mesh_must_use_all_devices():

@@ -7,6 +7,12 @@ name to a mesh axis (or None: replicated). Rules are data: override any of them,
     rules = DEFAULT_RULES.override(experts="fsdp")          # experts over fsdp instead of tensor
     rules = DEFAULT_RULES.override(heads=None, mlp=None)     # no tensor parallelism
 
+A target may also be `FirstOf(choice, ...)`: the first choice that splits the dimension on the mesh
+at hand. The default maps `experts` to `FirstOf("tensor", "fsdp")`: over tensor where the tensor
+axis splits the experts (as before), and over fsdp where it cannot (an fsdp-only mesh, where the
+MXFP4 `gate_up_proj_blocks`, whose other axis is `mlp`, would otherwise be replicated on every
+device).
+
 Resolution is forgiving in two ways that keep every (mesh, config) pair valid: a mesh axis is
 used at most once per array (later dimensions that map to an axis already used stay
 unsplit), and a dimension that the mesh axis size does not divide stays unsplit.
@@ -25,12 +31,40 @@ from ..models import axes as ax
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 MESH_AXES = (DATA, FSDP, TENSOR)
 
-MeshAxis = str | tuple[str, ...] | None
+
+
+@dataclass(frozen=True, init=False)
+class FirstOf:
+    """A rule target naming alternatives: the first whose mesh axes split the dimension is used.
+
+    Each choice is what a plain target may be (a mesh axis, a tuple of them, or None). A choice
+    "splits" when at least one of its axes has size > 1, divides the dimension and is not used yet
+    by an earlier dimension of the same array; otherwise the next choice is tried.
+    """
+
+    choices: tuple[str | tuple[str, ...] | None, ...]
+
+    def __init__(self, *choices: str | tuple[str, ...] | None):
+        object.__setattr__(self, "choices", tuple(choices))
+
+
+MeshAxis = str | tuple[str, ...] | FirstOf | None
+
+
+def _mesh_axes(target: MeshAxis) -> tuple[str, ...]:
+    """Every mesh axis name a target mentions (for validation)."""
+    if target is None:
+        return ()
+    if isinstance(target, str):
+        return (target,)
+    if isinstance(target, FirstOf):
+        return tuple(n for choice in target.choices for n in _mesh_axes(choice))
+    return tuple(target)
 
 
 @dataclass(frozen=True)
 class ShardingRules:
-    """An immutable, hashable table of (logical axis, mesh axis or axes or None)."""
+    """An immutable, hashable table of (logical axis, mesh axis or axes, `FirstOf` them, or None)."""
 
     rules: tuple[tuple[str, MeshAxis], ...]
 
@@ -41,8 +75,8 @@ class ShardingRules:
         """A copy with some logical axes mapped elsewhere (None: replicated)."""
         table = self.as_dict()
         for name, target in changes.items():
-            for t in (target,) if isinstance(target, str) or target is None else target:
-                if t is not None and t not in MESH_AXES:
+            for t in _mesh_axes(target):
+                if t not in MESH_AXES:
                     raise ValueError(f"rule {name}={target!r}: {t!r} is not a mesh axis; use one of {MESH_AXES}.")
             table[name] = target
         return ShardingRules(tuple(table.items()))
@@ -52,14 +86,18 @@ class ShardingRules:
         table, used, out = self.as_dict(), set(), []
         for i, name in enumerate(axes):
             target = table.get(name) if name is not None else None
-            names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-            kept, size = [], 1
-            for n in names:  # greedily, as far as the mesh axes divide the dimension
-                if n in mesh.shape and mesh.shape[n] > 1 and n not in used:
-                    if shape is None or shape[i] % (size * mesh.shape[n]) == 0:
-                        kept.append(n)
-                        size *= mesh.shape[n]
-            names = tuple(kept)
+            choices, names = (target.choices if isinstance(target, FirstOf) else (target,)), ()
+            for choice in choices:  # the first choice that splits the dimension
+                names = () if choice is None else ((choice,) if isinstance(choice, str) else tuple(choice))
+                kept, size = [], 1
+                for n in names:  # greedily, as far as the mesh axes divide the dimension
+                    if n in mesh.shape and mesh.shape[n] > 1 and n not in used:
+                        if shape is None or shape[i] % (size * mesh.shape[n]) == 0:
+                            kept.append(n)
+                            size *= mesh.shape[n]
+                names = tuple(kept)
+                if names:
+                    break
             if not names:
                 out.append(None)
                 continue
@@ -80,7 +118,7 @@ DEFAULT_RULES = ShardingRules((
     (ax.HEADS, TENSOR),
     (ax.KV_HEADS, TENSOR),
     (ax.MLP, TENSOR),
-    (ax.EXPERTS, TENSOR),
+    (ax.EXPERTS, FirstOf(TENSOR, FSDP)),  # fsdp only where tensor cannot split them (see the module doc)
     (ax.VOCAB, TENSOR),
     # activations
     (ax.BATCH, (DATA, FSDP)),
