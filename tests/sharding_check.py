@@ -4,7 +4,7 @@ For each (data, fsdp, tensor) mesh: the DiT output and the text features of tens
 friendly random configs (every width divisible by 8), and the end-to-end image of the golden
 tiny checkpoint, against one device; and the fraction of a qkv, an MLP and an expert tensor
 (float, and MXFP4-packed `gate_up_proj_blocks`) that device 0 holds. On the fsdp-only mesh the
-packed text encoder's features are checked against one device too (experts split over fsdp).
+packed text encoder's features are checked against one device too (expert width split over fsdp).
 """
 
 from __future__ import annotations

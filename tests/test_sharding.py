@@ -18,17 +18,18 @@ from lens_jax import parallel
 from lens_jax.models import text_encoder as te
 from lens_jax.models import transformer as dit
 from lens_jax.models import vae
-from lens_jax.models.axes import EMBED, EXPERTS, HEADS, MLP
+from lens_jax.models.axes import EMBED, EXPERT_MLP, EXPERTS, HEADS, MLP
 
 # f32 at "highest" matmul precision: sharded matmuls and all-reduces only reorder sums.
 REL_TOL = 1e-5
 IMAGE_ATOL = 1e-5
 
-# Expected share of device 0, from the default rules (embed -> fsdp, heads / mlp -> tensor, experts ->
-# tensor, or fsdp where tensor cannot split them): DiT qkv [L, d=96, 3, heads=8, 12], MLP w1 [L, 96, 256],
-# expert gate_up [L, experts=8, 64, 128] (experts take the tensor axis first, so the MLP width stays
-# whole), q_proj [L, 64, 128], MXFP4 gate_up blocks [L, experts=8, 128, 2, 16] (axes experts, mlp: no
-# embed axis, so without the experts' fsdp fallback they were whole on every device of a 1x8x1 mesh).
+# Expected share of device 0, from the default rules (embed -> fsdp, heads / mlp / experts -> tensor,
+# expert_mlp -> tensor, or fsdp on a mesh without tensor): DiT qkv [L, d=96, 3, heads=8, 12], MLP w1
+# [L, 96, 256], expert gate_up [L, experts=8, 64, 128] (experts take the tensor axis first, so the MLP
+# width stays whole), q_proj [L, 64, 128], MXFP4 gate_up blocks [L, experts=8, 128, 2, 16] (axes
+# experts, expert_mlp: no embed axis, so without the fsdp fallback they were whole on every device of a
+# 1x8x1 mesh).
 EXPECTED = {
     "1x8x1": {"qkv": 1 / 8, "mlp": 1 / 8, "expert": 1 / 8, "q_proj": 1 / 8, "expert_packed": 1 / 8},
     "2x2x2": {"qkv": 1 / 4, "mlp": 1 / 4, "expert": 1 / 4, "q_proj": 1 / 4, "expert_packed": 1 / 2},
@@ -110,23 +111,23 @@ def test_spec_resolution_skips_indivisible_and_reused_axes():
     assert rules.spec((EXPERTS, EMBED, MLP), (8, 8, 8), mesh) == P("tensor", "fsdp")  # tensor used once
 
 
-def test_experts_fall_back_to_fsdp_only_where_tensor_cannot_split_them():
-    def spec(shape, axes=("layers", EXPERTS, MLP, None, None), dims=(24, 32, 5760, 90, 16), rules=None):
+def test_expert_width_falls_back_to_fsdp_only_on_a_mesh_without_tensor():
+    def spec(shape, axes=("layers", EXPERTS, EXPERT_MLP, None, None), dims=(24, 32, 5760, 90, 16), rules=None):
         mesh = jax.sharding.AbstractMesh(shape, parallel.rules.MESH_AXES)
         return (rules or parallel.DEFAULT_RULES).spec(axes, dims, mesh)
 
-    # The real MXFP4 gate_up blocks: over fsdp on an fsdp-only mesh (was replicated), tensor elsewhere.
-    assert spec((1, 8, 1)) == P(None, "fsdp")
+    # The real MXFP4 gate_up blocks: expert width over fsdp on an fsdp-only mesh (they were whole on every
+    # device); wherever the mesh has a tensor axis, exactly as before (experts on tensor, the width whole).
+    assert spec((1, 8, 1)) == P(None, None, "fsdp")
     assert spec((2, 2, 2)) == spec((1, 2, 4)) == spec((1, 1, 8)) == P(None, "tensor")
-    assert spec((1, 8, 1), dims=(24, 6, 5760, 90, 16)) == P()  # 6 experts: fsdp=8 does not divide either
-    # tensor=3 does not divide 32 experts: they take fsdp, and the MLP width (5760) takes tensor.
-    assert spec((1, 2, 3)) == P(None, "fsdp", "tensor")
-    # Float experts keep embed on fsdp wherever tensor splits the experts; fsdp-only, experts take it.
-    assert spec((2, 2, 2), ("layers", EXPERTS, EMBED, MLP), (24, 32, 2880, 5760)) == P(None, "tensor", "fsdp")
-    assert spec((1, 8, 1), ("layers", EXPERTS, EMBED, MLP), (24, 32, 2880, 5760)) == P(None, "fsdp")
-    # A user's override replaces the whole target: None replicates, a FirstOf of their own is data too.
-    assert spec((1, 8, 1), rules=parallel.DEFAULT_RULES.override(experts=None)) == P()
-    assert spec((1, 2, 4), rules=parallel.DEFAULT_RULES.override(experts=parallel.FirstOf("fsdp", "tensor"))) \
+    old = parallel.DEFAULT_RULES.override(expert_mlp="tensor")
+    for mesh in ((2, 2, 2), (1, 2, 4), (1, 1, 8), (1, 2, 3), (8, 1, 1)):
+        assert spec(mesh) == spec(mesh, rules=old), mesh
+    assert spec((1, 8, 1), dims=(24, 32, 5756, 90, 16)) == P()  # fsdp=8 does not divide the width either
+    assert spec((1, 2, 3)) == P(None, None, "tensor")  # tensor=3 splits the width, not the 32 experts
+    # A user's override replaces the whole target: None replicates; FirstOf is data a user can write too.
+    assert spec((1, 8, 1), rules=parallel.DEFAULT_RULES.override(expert_mlp=None)) == P()
+    assert spec((1, 2, 4), rules=parallel.DEFAULT_RULES.override(experts=parallel.FirstOf("data", "fsdp"))) \
         == P(None, "fsdp", "tensor")
     with pytest.raises(ValueError, match="not a mesh axis"):
         parallel.DEFAULT_RULES.override(experts=parallel.FirstOf("tensor", "model"))
