@@ -19,17 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-
-def _best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+from _timing import best_of
 
 
 def main() -> int:
@@ -61,9 +52,9 @@ def main() -> int:
             f = jax.jit(lambda q, k, v, m, s: A.blocked(q, k, v, key_mask=m, sinks=s, **kw))
         else:
             f = jax.jit(lambda q, k, v, m, s: A.attention(q, k, v, key_mask=m, sinks=s, **kw))
-        ms = _best(lambda: f(*arrays).block_until_ready(), args.repeats)
+        ms = best_of(lambda: f(*arrays).block_until_ready(), args.repeats).wall_ms
         with torch.inference_mode():  # torch again, right after: the ratio holds under a changing load
-            again = _best(torch_fn, args.repeats)
+            again = best_of(torch_fn, args.repeats).wall_ms
         print(f"  {label:<44} {ms:8.1f} ms   {ms / again:5.2f}x torch ({again:.1f} ms)", flush=True)
         return ms
 
@@ -80,7 +71,7 @@ def main() -> int:
 
         with torch.inference_mode():
             print(f"dit joint attention: B={b} heads={h}x{d} tokens={n_img}+{n_txt}")
-            print(f"  {'torch SDPA':<44} {_best(torch_fn, args.repeats):8.1f} ms", flush=True)
+            print(f"  {'torch SDPA':<44} {best_of(torch_fn, args.repeats).wall_ms:8.1f} ms", flush=True)
         arrays = tuple(jnp.asarray(x) for x in (q, k, v, km)) + (None,)
         if not args.quick:
             run_jax("jax xla (first)", arrays, torch_fn, impl="xla")
@@ -117,8 +108,8 @@ def main() -> int:
             torch_fn = torch_eager
             with torch.inference_mode():
                 print(f"text-encoder attention: B={b} heads={h}/{kh}x{d} tokens={s} window={window} sinks")
-                print(f"  {'torch eager (transformers formula)':<44} {_best(torch_eager, args.repeats):8.1f} ms",
-                      flush=True)
+                eager_ms = best_of(torch_eager, args.repeats).wall_ms
+                print(f"  {'torch eager (transformers formula)':<44} {eager_ms:8.1f} ms", flush=True)
             arrays = tuple(jnp.asarray(x) for x in (q, k, v, km, sinks))
             if not args.quick:
                 run_jax("jax reference (first: dense)", arrays, torch_fn, impl="reference", causal=True, window=window)

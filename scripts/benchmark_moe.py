@@ -20,16 +20,7 @@ import argparse
 import os
 import time
 
-
-def best_ms(fn, runs: int) -> tuple[float, float]:
-    """(best wall ms, this process's CPU ms in that run): CPU time counts work, so it moves less than
-    wall time when other jobs share the cores."""
-    times = []
-    for _ in range(runs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        times.append(((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
-    return min(times)
+from _timing import best_of
 
 
 def main() -> int:
@@ -74,7 +65,7 @@ def main() -> int:
 
         f = jax.jit(dequant_all)
         jax.block_until_ready(f(experts))
-        deq_ms, deq_cpu = best_ms(lambda: jax.block_until_ready(f(experts)), args.runs)
+        deq_ms, deq_cpu = best_of(lambda: jax.block_until_ready(f(experts)), args.runs, warmup=False)
         print(f"dequantise one layer's 32 experts alone: {deq_ms:.0f} ms (CPU time {deq_cpu:.0f} ms)", flush=True)
 
     rows = []
@@ -93,7 +84,7 @@ def main() -> int:
             fn = jax.jit(layer, static_argnums=3).lower(x, experts, router, impl).compile()
             compile_s = time.perf_counter() - t0
             outs[impl] = np.asarray(fn(x, experts, router), np.float32)
-            times[impl], cpu = best_ms(lambda: jax.block_until_ready(fn(x, experts, router)), args.runs)
+            times[impl], cpu = best_of(lambda: jax.block_until_ready(fn(x, experts, router)), args.runs, warmup=False)
             cpus[impl] = cpu
             print(f"  tokens {t:5d}  {impl:<8} {times[impl]:9.1f} ms   CPU time {cpu:9.1f} ms   "
                   f"(compile {compile_s:.1f} s)", flush=True)

@@ -27,21 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lens_jax import configs
 from lens_jax import text_encoder as T_public
 from lens_jax.models import mxfp4
 from lens_jax.models import text_encoder as T
 
-# openai/gpt-oss-20b as shipped in Lens' text_encoder/config.json (fields the encoder reads).
-REAL = dict(
-    model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
-    num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
-    sliding_window=128, rms_norm_eps=1e-5, swiglu_limit=7.0, attention_bias=True,
-    max_position_embeddings=131072, initial_context_length=4096,
-    layer_types=["sliding_attention", "full_attention"] * 12,
-    rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                         original_max_position_embeddings=4096, rope_theta=150000, truncate=False),
-    quantization_config=dict(quant_method="mxfp4"),
-)
+# openai/gpt-oss-20b as shipped in Lens (the packaged text_encoder/config.json), kept to the fields the
+# encoder and its transformers twin read: the file's others would change the twin (e.g. pad_token_id
+# 199999 is no embedding row of the smaller vocabularies below; dtype, initializer_range).
+TWIN_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+               "sliding_window", "rms_norm_eps", "swiglu_limit", "attention_bias", "max_position_embeddings",
+               "initial_context_length", "layer_types", "rope_parameters", "quantization_config")
+REAL = {k: v for k, v in configs.load_json("lens/text_encoder.json").items() if k in TWIN_FIELDS}
+REAL["quantization_config"] = {"quant_method": REAL["quantization_config"]["quant_method"]}
 CONFIGS = {
     "full": REAL,
     # The real routing shape (32 experts, top-4, window 128, GQA 8) at a CPU-friendly width/depth.

@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import best_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,13 +207,7 @@ def profile_text_encoder(te, config, model, ours, ids, mask, runs: int) -> None:
         return T.moe(x, experts, 0, w, idx, config, te.moe_impl)
 
     def best(fn):
-        fn()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times) * 1e3
+        return best_of(fn, runs).wall_ms
 
     jax_parts = {"attention (sliding layer)": best(lambda: attn(p0, h_in).block_until_ready()),
                  "MoE (router + experts)": best(lambda: moe(p0, router, experts, h_in).block_until_ready())}

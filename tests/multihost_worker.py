@@ -8,7 +8,9 @@ MODES is a comma-separated list, run in order in one process (one `jax.distribut
 - `generate`: LensPipeline over WORK/converted, two images -> WORK/<who>/generate.npy (process 0 writes);
 - `bulk`: `lens-jax generate --prompts WORK/prompts.txt --out WORK/<who>/bulk`, then the same again (a rerun);
 - `serve`: process 0 serves the app in-process (its lifespan run, requests through httpx) and writes the
-  answers' pixels to WORK/<who>/serve.npz; process 1 runs `lens-jax serve` (it follows process 0);
+  answers' pixels to WORK/<who>/serve.npz; process 1 runs `lens-jax serve` (it follows process 0). Two
+  processes: between the two requests, one asks for a LoRA that only process 0's --lora-dir holds
+  (WORK/loras_p0; process 1 has WORK/loras_p1), a batch that fails on the follower alone;
 - `train`: `lens-jax train WORK/train.json` into WORK/multi/train (both processes) or WORK/single/train.
 <who> is p0, p1 or single. Each of the two processes has 4 simulated CPU devices; they are joined as a user
 joins hosts: LENS_JAX_DISTRIBUTED=1 with JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT, JAX_NUM_PROCESSES and
@@ -72,9 +74,15 @@ def bulk(work: str, out: str) -> None:
     assert after == before, f"the rerun touched files: {before} -> {after}"
 
 
-def _requests() -> list[dict]:
-    return [{"prompt": "a red cube", "size": SIZES[0], "seed": 11, "n": 2, "steps": 2, "guidance": 4.0},
-            {"prompt": "a lighthouse", "size": SIZES[1], "seed": 12, "steps": 2, "guidance": 4.0}]
+def _requests() -> dict[str, dict]:
+    """Name -> request body; `host0_lora` (two processes only) fails on the follower alone."""
+    requests = {"r0": {"prompt": "a red cube", "size": SIZES[0], "seed": 11, "n": 2, "steps": 2, "guidance": 4.0},
+                "host0_lora": {"prompt": "a red cube", "size": SIZES[0], "seed": 13, "steps": 2, "guidance": 4.0,
+                               "lora": "peft:0.5"},
+                "r1": {"prompt": "a lighthouse", "size": SIZES[1], "seed": 12, "steps": 2, "guidance": 4.0}}
+    if SINGLE:
+        del requests["host0_lora"]
+    return requests
 
 
 def serve(work: str, out: str) -> None:
@@ -83,7 +91,8 @@ def serve(work: str, out: str) -> None:
     import io
 
     if not SINGLE and os.environ["JAX_PROCESS_ID"] != "0":  # the follower: the real command, returns at shutdown
-        _cli("serve", "--model", f"{work}/converted", "--dtype", "f32", "--max-batch", "2", *MESH_FLAGS)
+        _cli("serve", "--model", f"{work}/converted", "--dtype", "f32", "--max-batch", "2", *MESH_FLAGS,
+             "--lora-dir", f"{work}/loras_p1")
         print("serve: the follower returned", flush=True)
         return
 
@@ -94,6 +103,7 @@ def serve(work: str, out: str) -> None:
     from lens_jax.tools.bulk import load_pipeline
     from lens_jax.tools.serve import batcher as batcher_lib
     from lens_jax.tools.serve.app import ServeConfig, create_app
+    from lens_jax.tools.serve.loras import LoraLibrary
 
     # What `lens-jax serve` builds on process 0 (lens_jax.tools.serve.run), served in-process.
     _join()
@@ -103,22 +113,27 @@ def serve(work: str, out: str) -> None:
     if SINGLE:
         app = create_app(pipe, config)
     else:
-        runner = batcher_lib.broadcast_runner(pipe, config.max_batch)
-        app = create_app(pipe, config, runner=runner, on_shutdown=runner.stop)
+        loras = LoraLibrary.from_dir(f"{work}/loras_p0")
+        loras.check(pipe.dit_config)
+        runner = batcher_lib.broadcast_runner(pipe, config.max_batch, loras)
+        app = create_app(pipe, config, runner=runner, on_shutdown=runner.stop, loras=loras)
 
     async def main():
         async with app.router.lifespan_context(app):  # starts the batcher; on exit stops it and the follower
             transport = httpx.ASGITransport(app)
             async with httpx.AsyncClient(transport=transport, base_url="http://lens", timeout=240) as c:
-                return [await c.post("/v1/images/generations", json=r) for r in _requests()]
+                return {k: await c.post("/v1/images/generations", json=r) for k, r in _requests().items()}
 
     answers = asyncio.run(asyncio.wait_for(main(), 300))
+    failed = answers.pop("host0_lora", None)
+    if failed is not None:  # the follower could not read the LoRA: host 0 answers with that host's error
+        print(f"serve: the host-0-only LoRA request answered {failed.status_code}: {failed.text}", flush=True)
     pixels = {}
-    for k, r in enumerate(answers):
+    for k, r in answers.items():
         assert r.status_code == 200, r.text
         for i, item in enumerate(r.json()["data"]):
             png = base64.b64decode(item["b64_json"])
-            pixels[f"r{k}_{i}"] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+            pixels[f"{k}_{i}"] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     np.savez(out, **pixels)
     print(f"serve: {len(answers)} answers, host 0 shut down", flush=True)
 

@@ -3,7 +3,8 @@
 For each (data, fsdp, tensor) mesh: the DiT output and the text features of tensor-parallel
 friendly random configs (every width divisible by 8), and the end-to-end image of the golden
 tiny checkpoint, against one device; and the fraction of a qkv, an MLP and an expert tensor
-that device 0 holds.
+(float, and MXFP4-packed `gate_up_proj_blocks`) that device 0 holds. On the fsdp-only mesh the
+packed text encoder's features are checked against one device too (expert width split over fsdp).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     dit_params = jax.tree.map(np.asarray, dit.init_params(DIT, jax.random.key(1)))
     te_params = jax.tree.map(np.asarray, te.init_params(TE, jax.random.key(2)))
+    te_packed = jax.tree.map(np.asarray, te.init_params(TE, jax.random.key(3), packed=True))
     x = rng.standard_normal((4, 20, 32)).astype(np.float32)
     feats = [rng.standard_normal((4, 7, 64)).astype(np.float32) for _ in range(4)]
     mask = np.arange(7)[None] < np.array([[7], [5], [3], [0]])
@@ -68,12 +70,24 @@ def main() -> None:
         image = pipe(**call).images
         return p, q, np.asarray(out), [np.asarray(f) for f in text], image
 
+    def run_packed(mesh, constrain: bool):
+        bound = parallel.DEFAULT_RULES.bind(mesh) if constrain else None
+        q = place(te_packed, te.param_axes(TE, packed=True), mesh)
+        return q, [np.asarray(f) for f in te.apply(q, TE, ids, ids_mask, (0, 1), "grouped", None, bound)]
+
     single = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     _, _, ref_out, ref_text, ref_image = run(single, False)
+    _, ref_packed = run_packed(single, False)
     report = {}
     for data, fsdp, tensor in MESHES:
         mesh = parallel.make_mesh(data, fsdp, tensor)
         p, q, out, text, image = run(mesh, True)
+        if (data, fsdp, tensor) == (1, 8, 1):
+            packed, packed_text = run_packed(mesh, True)
+            report["packed_1x8x1_text_rel"] = max(float(np.abs(a - b).max() / np.abs(b).max())
+                                                  for a, b in zip(packed_text, ref_packed))
+        else:
+            packed = place(te_packed, te.param_axes(TE, packed=True), mesh)
         if (data, fsdp, tensor) == (2, 2, 2):  # offload per device of the mesh: blocks stream from host
             streamed = LensPipeline.from_pretrained(TINY, mesh=mesh, offload="all")
             report["offload_2x2x2_image_abs"] = float(np.abs(streamed(**call).images - ref_image).max())
@@ -86,6 +100,7 @@ def main() -> None:
             "qkv": fraction(p["transformer_blocks"]["attn"]["img_qkv"]["kernel"]),
             "mlp": fraction(p["transformer_blocks"]["img_mlp"]["w1"]["kernel"]),
             "expert": fraction(q["layers"]["mlp"]["experts"]["gate_up_proj"]),
+            "expert_packed": fraction(packed["layers"]["mlp"]["experts"]["gate_up_proj_blocks"]),
             "q_proj": fraction(q["layers"]["self_attn"]["q_proj"]["kernel"]),
             "qkv_spec": str(p["transformer_blocks"]["attn"]["img_qkv"]["kernel"].sharding.spec),
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def runs(tmp_path_factory):
     assert main(["convert", "--src", str(FIXTURES / "tiny_lens"), "--dst", str(work / "converted"), "--dtype", "f32",
                  "--no-progress"]) == 0
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (work / "loras_p0").mkdir()  # a LoRA on host 0 only: the serve mode's follower-only failure
+    (work / "loras_p1").mkdir()
+    shutil.copy(FIXTURES / "loras" / "lora_peft.safetensors", work / "loras_p0" / "peft.safetensors")
     return work, launch(work, "generate,bulk,serve")
 
 
@@ -132,6 +136,20 @@ def test_serve_host0_answers_as_one_process_and_the_follower_stops(runs):
     assert "serve: 2 answers, host 0 shut down" in logs["p0"]
 
 
+def test_serve_a_batch_failing_on_the_follower_alone_fails_its_request_and_the_hosts_stay_in_step(runs):
+    """Host 1's --lora-dir lacks the LoRA that host 0's holds: host 0 answers that request with host 1's
+    error, and the request after it (r1) still equals the one-process answer (checked above), so the hosts
+    kept their collectives in step; the follower returned at shutdown."""
+    work, logs = runs
+    line = next(x for x in logs["p0"].splitlines() if x.startswith("serve: the host-0-only LoRA request"))
+    assert "answered 500" in line and "HostFailed" in line, line
+    assert "host 1: InputError: unknown LoRA 'peft' (not in this host's --lora-dir)" in line, line
+    assert "every host skipped it" in line, line
+    multi = np.load(work / "p0" / "serve.npz")
+    assert sorted(multi.files) == ["r0_0", "r0_1", "r1_0"]
+    assert "serve: the follower returned" in logs["p1"]
+
+
 def test_broadcast_runner_stop_waits_for_the_batch_in_flight(monkeypatch):
     """Host 0's stop message must not interleave its collectives with a batch still running (the hosts
     would deadlock): `stop` waits for it, goes out once, and later batches are refused. One process:
@@ -169,6 +187,72 @@ def test_broadcast_runner_stop_waits_for_the_batch_in_flight(monkeypatch):
     assert events == [jobs, "run", "ran", None]
     with pytest.raises(batcher_lib.Cancelled):
         runner(jobs, None)
+
+
+def test_run_in_step_agrees_on_each_phase_and_skips_a_batch_another_host_could_not_prepare(monkeypatch):
+    """One process, the all-gathers replaced: what `run_in_step` does with each combination of outcomes."""
+    from lens_jax.errors import InputError
+    from lens_jax.tools import jobs as jobs_lib
+    from lens_jax.tools.serve import batcher as batcher_lib
+
+    jobs = [jobs_lib.Job("a", 1, 32, 32, 2, 4.0)]
+
+    class Local:
+        def __init__(self, fail_prepare=False):
+            self.fail_prepare, self.calls = fail_prepare, []
+
+        def prepare(self, jobs):
+            self.calls.append("prepare")
+            if self.fail_prepare:
+                raise InputError("unknown LoRA 'x' (not in this host's --lora-dir).")
+            return "adapters"
+
+        def execute(self, jobs, prepared, callback):
+            self.calls.append(("execute", prepared))
+            return np.ones((len(jobs), 2, 2, 3), np.float32)
+
+    def others(failures):  # {phase number: {host: line}} from the other hosts, and this host's own outcome
+        phases = iter(failures)
+
+        def agree(error):
+            mine = {} if error is None else {0: batcher_lib._error_line(error)}
+            return {**mine, **next(phases)}
+        return agree
+
+    # Every host fine: both phases agreed, the images come back.
+    local = Local()
+    monkeypatch.setattr(batcher_lib, "_agree", others([{}, {}]))
+    assert batcher_lib.run_in_step(local, lambda: jobs, None).shape == (1, 2, 2, 3)
+    assert local.calls == ["prepare", ("execute", "adapters")]
+    # Host 1 could not prepare: this host skips the computation and reports host 1's line.
+    local = Local()
+    monkeypatch.setattr(batcher_lib, "_agree", others([{1: "InputError: unknown LoRA 'x'"}]))
+    with pytest.raises(batcher_lib.HostFailed, match=r"host 1: InputError: unknown LoRA 'x'\); every host skipped"):
+        batcher_lib.run_in_step(local, lambda: jobs, None)
+    assert local.calls == ["prepare"]
+    # This host could not prepare (or decode the batch): its own error, after agreeing (no computation).
+    local = Local(fail_prepare=True)
+    monkeypatch.setattr(batcher_lib, "_agree", others([{}]))
+    with pytest.raises(InputError, match="unknown LoRA 'x'"):
+        batcher_lib.run_in_step(local, lambda: jobs, None)
+    assert local.calls == ["prepare"]
+    monkeypatch.setattr(batcher_lib, "_agree", others([{}]))
+    with pytest.raises(ValueError, match="bad payload"):
+        batcher_lib.run_in_step(Local(), lambda: (_ for _ in ()).throw(ValueError("bad payload")), None)
+    # Host 1 failed the computation after its collectives: dropped everywhere, named on host 0.
+    local = Local()
+    monkeypatch.setattr(batcher_lib, "_agree", others([{}, {1: "RuntimeError: disk full"}]))
+    with pytest.raises(batcher_lib.HostFailed, match="host 1: RuntimeError: disk full.*every host dropped it"):
+        batcher_lib.run_in_step(local, lambda: jobs, None)
+    assert local.calls == ["prepare", ("execute", "adapters")]
+
+
+def test_agree_in_one_process_needs_no_collective():
+    from lens_jax.tools.serve import batcher as batcher_lib
+
+    assert batcher_lib._agree(None) == {}
+    assert batcher_lib._agree(KeyError("k")) == {0: "KeyError: 'k'"}
+    assert batcher_lib._error_line(RuntimeError("")) == "RuntimeError"
 
 
 def test_init_distributed_only_when_asked(monkeypatch):

@@ -25,6 +25,7 @@ HEADS = "heads"  # query heads (x head_dim, flattened or not)
 KV_HEADS = "kv_heads"  # key/value heads
 MLP = "mlp"  # MLP / expert hidden width
 EXPERTS = "experts"  # MoE experts
+EXPERT_MLP = "expert_mlp"  # expert hidden width of the expert tensors with no EMBED axis (MXFP4 gate_up blocks)
 VOCAB = "vocab"  # token embedding rows
 
 # Activation axes (distinct names: an activation's width is not sharded like a weight's).

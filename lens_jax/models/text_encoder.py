@@ -43,7 +43,7 @@ import numpy as np
 from . import attention as attn_lib
 from . import mxfp4
 from .dtypes import resolve_dtype
-from .axes import ACT_HEADS, BATCH, EMBED, EXPERTS, HEADS, KV_HEADS, MLP, VOCAB, Constrain, axes_from_table, constrain
+from .axes import ACT_HEADS, BATCH, EMBED, EXPERT_MLP, EXPERTS, HEADS, KV_HEADS, MLP, VOCAB, Constrain, axes_from_table, constrain
 from .nn import dense, rms_norm
 from .streaming import LayerStream, scan_layers
 
@@ -415,11 +415,12 @@ PARAM_AXES_TABLE: tuple[tuple[str, tuple], ...] = (
     (r"self_attn\.sinks", (HEADS,)),
     (r"mlp\.router\.kernel", (EMBED, None)),
     (r"mlp\.experts\.gate_up_proj", (EXPERTS, EMBED, MLP)),
-    (r"mlp\.experts\.gate_up_proj_bias", (EXPERTS, MLP)),
+    (r"mlp\.experts\.gate_up_proj_bias", (EXPERTS, EXPERT_MLP)),
     (r"mlp\.experts\.down_proj", (EXPERTS, MLP, EMBED)),
     (r"mlp\.experts\.down_proj_bias", (EXPERTS, None)),
-    (r"mlp\.experts\.gate_up_proj_blocks", (EXPERTS, MLP, None, None)),
-    (r"mlp\.experts\.gate_up_proj_scales", (EXPERTS, MLP, None)),
+    # No EMBED axis to put on fsdp: EXPERT_MLP falls back to fsdp on a mesh without tensor parallelism.
+    (r"mlp\.experts\.gate_up_proj_blocks", (EXPERTS, EXPERT_MLP, None, None)),
+    (r"mlp\.experts\.gate_up_proj_scales", (EXPERTS, EXPERT_MLP, None)),
     (r"mlp\.experts\.down_proj_blocks", (EXPERTS, EMBED, None, None)),
     (r"mlp\.experts\.down_proj_scales", (EXPERTS, EMBED, None)),
     (r".*", (None,)),  # biases of o_proj / router, norm weights

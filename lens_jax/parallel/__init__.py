@@ -5,6 +5,7 @@ from .offload import OFFLOAD_MODES, HostStream
 from .rules import (
     DEFAULT_RULES,
     BoundRules,
+    FirstOf,
     ShardingRules,
     logical_shardings,
     replicated_shardings,
@@ -14,5 +15,5 @@ from .rules import (
 __all__ = [
     "DATA", "FSDP", "TENSOR", "make_mesh", "batch_axes", "batch_sharding", "replicated", "put", "put_tree", "to_host",
     "OFFLOAD_MODES", "HostStream",
-    "DEFAULT_RULES", "ShardingRules", "BoundRules", "logical_shardings", "replicated_shardings", "rules_from_mapping",
+    "DEFAULT_RULES", "ShardingRules", "BoundRules", "FirstOf", "logical_shardings", "replicated_shardings", "rules_from_mapping",
 ]

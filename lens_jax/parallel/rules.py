@@ -7,6 +7,15 @@ name to a mesh axis (or None: replicated). Rules are data: override any of them,
     rules = DEFAULT_RULES.override(experts="fsdp")          # experts over fsdp instead of tensor
     rules = DEFAULT_RULES.override(heads=None, mlp=None)     # no tensor parallelism
 
+A target may also be `FirstOf(choice, ...)`: the first choice that the mesh at hand can split the
+dimension over (its axes present, of size > 1, dividing it). The default maps `expert_mlp` (the
+hidden width of the expert tensors that have no `embed` axis: the MXFP4 `gate_up_proj_blocks` /
+`_scales` and the gate_up bias) to `FirstOf("tensor", "fsdp")`: over tensor wherever the mesh has a
+tensor axis that divides it (exactly as `mlp`), over fsdp where it has none (an fsdp-only mesh, where
+these tensors were otherwise whole on every device). Splitting the expert width rather than the
+experts keeps each expert's slice local to the grouped MoE's per-expert reads (the experts axis
+split over fsdp made XLA gather the whole stacked tensor: 13 GiB of temporaries on a v5e-8).
+
 Resolution is forgiving in two ways that keep every (mesh, config) pair valid: a mesh axis is
 used at most once per array (later dimensions that map to an axis already used stay
 unsplit), and a dimension that the mesh axis size does not divide stays unsplit.
@@ -25,12 +34,55 @@ from ..models import axes as ax
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 MESH_AXES = (DATA, FSDP, TENSOR)
 
-MeshAxis = str | tuple[str, ...] | None
+
+
+@dataclass(frozen=True, init=False)
+class FirstOf:
+    """A rule target naming alternatives: the first one the mesh can split the dimension over is used.
+
+    Each choice is what a plain target may be (a mesh axis, a tuple of them, or None). A choice is
+    taken when at least one of its axes is in the mesh with size > 1 and divides the dimension;
+    otherwise the next choice is tried. The choice depends on the mesh and the dimension only: a
+    taken choice whose axes an earlier dimension of the same array already uses leaves the
+    dimension whole (as a plain target would), it does not move on to the next choice.
+    """
+
+    choices: tuple[str | tuple[str, ...] | None, ...]
+
+    def __init__(self, *choices: str | tuple[str, ...] | None):
+        object.__setattr__(self, "choices", tuple(choices))
+
+
+MeshAxis = str | tuple[str, ...] | FirstOf | None
+
+
+def _mesh_axes(target: MeshAxis) -> tuple[str, ...]:
+    """Every mesh axis name a target mentions (for validation)."""
+    if target is None:
+        return ()
+    if isinstance(target, str):
+        return (target,)
+    if isinstance(target, FirstOf):
+        return tuple(n for choice in target.choices for n in _mesh_axes(choice))
+    return tuple(target)
+
+
+def _split(target: str | tuple[str, ...] | None, dim: int | None, mesh: Mesh, used: set[str]) -> tuple[str, ...]:
+    """The mesh axes of `target` that split a dimension of size `dim`: greedily, as far as axes of size > 1,
+    not in `used`, divide it."""
+    names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    kept, size = [], 1
+    for n in names:
+        if n in mesh.shape and mesh.shape[n] > 1 and n not in used:
+            if dim is None or dim % (size * mesh.shape[n]) == 0:
+                kept.append(n)
+                size *= mesh.shape[n]
+    return tuple(kept)
 
 
 @dataclass(frozen=True)
 class ShardingRules:
-    """An immutable, hashable table of (logical axis, mesh axis or axes or None)."""
+    """An immutable, hashable table of (logical axis, mesh axis or axes, `FirstOf` them, or None)."""
 
     rules: tuple[tuple[str, MeshAxis], ...]
 
@@ -41,8 +93,8 @@ class ShardingRules:
         """A copy with some logical axes mapped elsewhere (None: replicated)."""
         table = self.as_dict()
         for name, target in changes.items():
-            for t in (target,) if isinstance(target, str) or target is None else target:
-                if t is not None and t not in MESH_AXES:
+            for t in _mesh_axes(target):
+                if t not in MESH_AXES:
                     raise ValueError(f"rule {name}={target!r}: {t!r} is not a mesh axis; use one of {MESH_AXES}.")
             table[name] = target
         return ShardingRules(tuple(table.items()))
@@ -52,14 +104,10 @@ class ShardingRules:
         table, used, out = self.as_dict(), set(), []
         for i, name in enumerate(axes):
             target = table.get(name) if name is not None else None
-            names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-            kept, size = [], 1
-            for n in names:  # greedily, as far as the mesh axes divide the dimension
-                if n in mesh.shape and mesh.shape[n] > 1 and n not in used:
-                    if shape is None or shape[i] % (size * mesh.shape[n]) == 0:
-                        kept.append(n)
-                        size *= mesh.shape[n]
-            names = tuple(kept)
+            if isinstance(target, FirstOf):  # the first choice this mesh can split the dimension over
+                target = next((c for c in target.choices if _split(c, None if shape is None else shape[i], mesh,
+                                                                   set())), None)
+            names = _split(target, None if shape is None else shape[i], mesh, used)
             if not names:
                 out.append(None)
                 continue
@@ -81,6 +129,7 @@ DEFAULT_RULES = ShardingRules((
     (ax.KV_HEADS, TENSOR),
     (ax.MLP, TENSOR),
     (ax.EXPERTS, TENSOR),
+    (ax.EXPERT_MLP, FirstOf(TENSOR, FSDP)),  # fsdp only where the mesh has no tensor axis for it (module doc)
     (ax.VOCAB, TENSOR),
     # activations
     (ax.BATCH, (DATA, FSDP)),

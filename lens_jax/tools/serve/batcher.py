@@ -11,6 +11,14 @@ worker thread.
   batch's tickets only. A cancelled ticket leaves the queue and, if already running, is dropped.
 - Multi-host: `broadcast_runner` (host 0) sends each batch (its jobs, LoRA sets included) to the other
   hosts, where `follow` runs the same batch, so every host runs the same program on the same data.
+  Every host must also reach the same outcome, or the next collective of one host would pair with a
+  different one on another: a batch runs in two phases (`run_in_step`), each closed by one all-gather of
+  every host's error line. The first phase is this host's own work that can fail on it alone (decoding
+  the batch, reading its LoRA files); when it fails on any host, every host skips the computation.
+  The second is the computation the hosts run together. Host 0 answers the requests with its own
+  error, or with `HostFailed` naming the host and its error line, and the hosts go on in step. (A
+  host that fails in the middle of the computation, between two of its collectives, cannot be
+  brought back in step; that is a device or program failure, not a batch's.)
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ class QueueFull(LensError):
 
 class Cancelled(LensError):
     """The request was cancelled (client gone, or timed out) before its images were made."""
+
+
+class HostFailed(LensError):
+    """Another host failed this batch; every host dropped it (they stay in step)."""
 
 
 @dataclass(eq=False)
@@ -236,17 +248,37 @@ class Batcher:
 # ---------------------------------------------------------------------- runners
 
 
-def pipeline_runner(pipe, batch_size: int, loras=None) -> Runner:
+class PipelineRunner:
+    """A `Runner` over a pipeline, in the two phases a multi-host batch needs (`run_in_step`).
+
+    `prepare(jobs)` is this host's own work, which can fail on one host alone (reading its LoRA
+    files); `execute(jobs, prepared, callback)` is the computation every host runs together.
+    Called as a plain runner, it does both.
+    """
+
+    def __init__(self, pipe, batch_size: int, loras=None):
+        self.pipe, self.batch_size, self.loras = pipe, batch_size, loras
+
+    def _has_loras(self, jobs) -> bool:
+        return self.loras is not None and bool(jobs[0].loras)
+
+    def prepare(self, jobs: Sequence[jobs_lib.Job]) -> Any:
+        return self.loras.adapters(self.pipe, jobs[0].loras) if self._has_loras(jobs) else None
+
+    def execute(self, jobs: Sequence[jobs_lib.Job], prepared: Any, callback) -> np.ndarray:
+        params = self.loras.params(self.pipe, jobs[0].loras, prepared) if self._has_loras(jobs) else None
+        return jobs_lib.generate_batch(self.pipe, jobs, self.batch_size, callback, dit_params=params)
+
+    def __call__(self, jobs: Sequence[jobs_lib.Job], callback) -> np.ndarray:
+        return self.execute(jobs, self.prepare(jobs), callback)
+
+
+def pipeline_runner(pipe, batch_size: int, loras=None) -> PipelineRunner:
     """Run jobs through `pipe`, always `batch_size` rows (so a batched answer equals a lone one).
 
     `loras` (a `serve.loras.LoraLibrary`) gives the DiT parameters of the jobs' LoRA set.
     """
-
-    def run(jobs, callback):
-        params = loras.params(pipe, jobs[0].loras) if loras is not None and jobs[0].loras else None
-        return jobs_lib.generate_batch(pipe, jobs, batch_size, callback, dit_params=params)
-
-    return run
+    return PipelineRunner(pipe, batch_size, loras)
 
 
 def _encode(jobs: Sequence[jobs_lib.Job] | None) -> bytes:
@@ -273,6 +305,65 @@ def _broadcast(payload: bytes | None) -> bytes:
     return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
 
 
+AGREE_BYTES = 256  # a flag and the start of one error line per host
+
+
+def _error_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _agree(error: BaseException | None) -> dict[int, str]:
+    """Every host's outcome of one phase, on every host: {process index: its error line} of the hosts that
+    failed (empty: none). One all-gather of a fixed-size buffer per call when there are several hosts."""
+    import jax
+
+    if jax.process_count() == 1:
+        return {} if error is None else {0: _error_line(error)}
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(AGREE_BYTES, np.uint8)
+    if error is not None:
+        line = _error_line(error).encode()[:AGREE_BYTES - 1]
+        buf[0], buf[1:1 + len(line)] = 1, np.frombuffer(line, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(-1, AGREE_BYTES)
+    return {p: bytes(row[1:]).rstrip(b"\0").decode(errors="replace") for p, row in enumerate(rows) if row[0]}
+
+
+def _settle(failed: dict[int, str], error: BaseException | None, what: str) -> None:
+    """Raise this host's own error, or `HostFailed` naming the others', when any host failed."""
+    if error is not None:
+        raise error
+    if failed:
+        hosts = "; ".join(f"host {p}: {line}" for p, line in sorted(failed.items()))
+        raise HostFailed(f"this batch failed on another host ({hosts}); every host {what} it. Check that host's "
+                         "log and files (e.g. its --lora-dir holds the same LoRAs as host 0's).")
+
+
+def run_in_step(local: Runner, get_jobs: Callable[[], Sequence[jobs_lib.Job]], callback) -> np.ndarray:
+    """Run one batch on this host so that every host reaches the same outcome (see the module docstring).
+
+    `get_jobs()` (the batch, decoded on a follower) runs in the first phase with `local.prepare`
+    (when `local` has one: a `PipelineRunner`); `local.execute` (or `local` itself) in the second.
+    Each phase ends in `_agree`. Raises this host's own error, or `HostFailed` when only others failed.
+    """
+    error, jobs, prepared = None, None, None
+    prepare = getattr(local, "prepare", None)
+    try:
+        jobs = get_jobs()
+        prepared = None if prepare is None else prepare(jobs)
+    except Exception as e:  # reported to every host, raised below
+        error = e
+    _settle(_agree(error), error, "skipped")
+    images = None
+    try:
+        images = local(jobs, callback) if prepare is None else local.execute(jobs, prepared, callback)
+    except Exception as e:  # reported to every host, raised below
+        error = e
+    _settle(_agree(error), error, "dropped")
+    return images
+
+
 class BroadcastRunner:
     """Host 0's runner on a multi-host mesh: broadcast each batch, then run it (with the other hosts).
 
@@ -291,7 +382,7 @@ class BroadcastRunner:
             if self._stopped:
                 raise Cancelled("the server is shutting down.")
             _broadcast(_encode(jobs))
-            return self.local(jobs, callback)
+            return run_in_step(self.local, lambda: jobs, callback)
 
     def stop(self) -> None:
         """Send the followers the stop message, once, after the batch in flight (if any)."""
@@ -319,8 +410,8 @@ def follow(pipe, batch_size: int, loras=None) -> None:
     `loras`: this host's `LoraLibrary` (the same --lora-dir contents as host 0's).
     """
     run = pipeline_runner(pipe, batch_size, loras)
-    while (jobs := _decode(_broadcast(None))) is not None:
+    while (payload := _broadcast(None)).strip() != b"null":  # host 0's stop message
         try:
-            run(jobs, lambda *a: None)
-        except Exception:  # host 0 sees the same failure and answers its requests
+            run_in_step(run, lambda: _decode(payload), lambda *a: None)
+        except Exception:  # every host knows the outcome; host 0 answers the requests
             continue

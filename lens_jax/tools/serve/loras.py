@@ -14,7 +14,8 @@
   compilation; each cached set holds its own copy of the adapted kernels (device memory). Adapters
   are read from disk again when a set is merged, not kept in memory.
 
-Only the worker thread (or a follower host's loop) calls `params`; `resolve` and `names` are pure reads.
+Only the worker thread (or a follower host's loop) calls `adapters` and `params`; `resolve` and `names` are
+pure reads.
 """
 
 from __future__ import annotations
@@ -122,8 +123,25 @@ class LoraLibrary:
             seen[name] = mult
         return tuple(sorted((n, m) for n, m in seen.items() if m != 0.0))
 
-    def params(self, pipe, loras: LoraSet):
-        """The pipeline's DiT parameters with `loras` merged (cached per set; None for the empty set)."""
+    def adapters(self, pipe, loras: LoraSet) -> list[tuple[Any, float]] | None:
+        """The host-local half of `params`: the set's adapters read from this host's files, or None when
+        there is nothing to read (the empty set, or a set whose merge is cached). A file missing or
+        unreadable on this host fails here, before any computation that the hosts run together."""
+        if not loras:
+            return None
+        hit = self._cache.get(loras)
+        if hit is not None and hit[0] is pipe.dit_params:
+            return None
+        for name, _ in loras:
+            if name not in self.files:
+                raise InputError(f"unknown LoRA {name!r} (not in this host's --lora-dir).")
+        return [(lora_formats.load(self.files[name].path, pipe.dit_config), mult) for name, mult in loras]
+
+    def params(self, pipe, loras: LoraSet, adapters: list[tuple[Any, float]] | None = None):
+        """The pipeline's DiT parameters with `loras` merged (cached per set; None for the empty set).
+
+        `adapters`: what `adapters(pipe, loras)` returned just before (read again when None).
+        """
         if not loras:
             return None
         base = pipe.dit_params
@@ -131,10 +149,8 @@ class LoraLibrary:
         if hit is not None and hit[0] is base:
             self._cache.move_to_end(loras)
             return hit[1]
-        for name, _ in loras:
-            if name not in self.files:
-                raise InputError(f"unknown LoRA {name!r} (not in this host's --lora-dir).")
-        adapters = [(lora_formats.load(self.files[name].path, pipe.dit_config), mult) for name, mult in loras]
+        if adapters is None:
+            adapters = self.adapters(pipe, loras)
         self._cache.pop(loras, None)
         while self._cache and len(self._cache) >= max(self.cache_size, 1):
             self._cache.popitem(last=False)  # free the oldest set before merging the next
