@@ -4,7 +4,7 @@ The models declare a logical axis name per parameter dimension (`param_axes(conf
 constrained activation dimension (`lens_jax.models.axes`). `ShardingRules` maps each logical
 name to a mesh axis (or None: replicated). Rules are data: override any of them, e.g.
 
-    rules = DEFAULT_RULES.override(experts="fsdp")          # experts over fsdp instead of tensor
+    rules = DEFAULT_RULES.override(vocab=None)               # no tensor split of the vocabulary
     rules = DEFAULT_RULES.override(heads=None, mlp=None)     # no tensor parallelism
 
 A target may also be `FirstOf(choice, ...)`: the first choice that the mesh at hand can split the
