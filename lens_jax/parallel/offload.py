@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding
 
 from ..errors import InputError
+from ..models import streaming
 
 OFFLOAD_MODES = ("none", "text_encoder", "all", "auto")
 HOST = "pinned_host"
@@ -29,10 +31,27 @@ HOST = "pinned_host"
 
 @dataclass(frozen=True)
 class HostStream:
-    """Brings one layer's parameters from host memory into device memory (keeps their sharding)."""
+    """Brings one layer of a stack in host memory into device memory (keeps its sharding)."""
 
-    def to_device(self, tree: Any) -> Any:
-        return jax.device_put(tree, jax.memory.Space.Device)
+    def fetch(self, stacked: Any, i: Any) -> Any:
+        """Layer i of `stacked` (every leaf [layers, ...], in host memory), in device memory."""
+        return jax.lax.platform_dependent(stacked, i, tpu=_fetch_sliced_on_host, default=_fetch)
+
+
+def _fetch(stacked: Any, i: Any) -> Any:
+    return jax.device_put(streaming.layer(stacked, i), jax.memory.Space.Device)
+
+
+def _fetch_sliced_on_host(stacked: Any, i: Any) -> Any:
+    # XLA:TPU cannot slice one layer out of a pinned_host array on its way to the device: the
+    # asynchronous slice needs whole (8, 128) tiles (2-D leaves: "Sublane slicing size must be
+    # multiple of element packing factor") and the same layout on both sides, which layout
+    # assignment does not keep (>= 3-D: "Inconsistent layout DS" abort). Slicing on the host (an
+    # asynchronous host computation, started before the current layer's compute) hands the device
+    # a plain one-layer array, whose transfer it handles like any other.
+    with compute_on("device_host"):
+        layer = jax.jit(streaming.layer)(stacked, i)
+    return jax.device_put(layer, jax.memory.Space.Device)
 
 
 def check_mode(mode: str) -> str:
