@@ -6,7 +6,8 @@ tensor) mesh from the topology's abstract devices, takes abstract bf16 parameter
 
 - the sampler (`sampling.build_programs(...).whole`: every denoising step + the VAE decode) at the
   given resolutions, Lens (CFG, 20 steps) and Lens-Turbo (no CFG, 4 steps),
-- the GPT-OSS text encoder (MXFP4-packed experts as the checkpoint ships them) for a CFG pair,
+- the GPT-OSS text encoder (MXFP4-packed experts as the checkpoint ships them) for a CFG pair
+  (`text`; `text-offload`: its decoder layers in pinned host memory, streamed),
 - the sampler with the DiT's blocks in pinned host memory, streamed (`offload="all"`,
   `lens_jax.parallel.offload`; programs `cfg-offload` / `turbo-offload`), and
 - the whole train step as `lens-jax train` compiles it (`lens_jax.training.trainer.train_step`:
