@@ -6,7 +6,8 @@ tensor) mesh from the topology's abstract devices, takes abstract bf16 parameter
 
 - the sampler (`sampling.build_programs(...).whole`: every denoising step + the VAE decode) at the
   given resolutions, Lens (CFG, 20 steps) and Lens-Turbo (no CFG, 4 steps),
-- the GPT-OSS text encoder (MXFP4-packed experts as the checkpoint ships them) for a CFG pair,
+- the GPT-OSS text encoder (MXFP4-packed experts as the checkpoint ships them) for a CFG pair
+  (`text`; `text-offload`: its decoder layers in pinned host memory, streamed),
 - the sampler with the DiT's blocks in pinned host memory, streamed (`offload="all"`,
   `lens_jax.parallel.offload`; programs `cfg-offload` / `turbo-offload`), and
 - the whole train step as `lens-jax train` compiles it (`lens_jax.training.trainer.train_step`:
@@ -55,7 +56,7 @@ TOPOLOGIES = {
 HBM_BY_PREFIX = {"v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v4": 32}
 
 
-PROGRAMS = ("cfg", "turbo", "text", "cfg-offload", "turbo-offload", "cfg-offload3d", "turbo-offload3d", "train_lora",
+PROGRAMS = ("cfg", "turbo", "text", "text-offload", "cfg-offload", "turbo-offload", "cfg-offload3d", "turbo-offload3d", "train_lora",
             "train_full")
 
 
@@ -162,21 +163,27 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
     return programs.whole.lower(*args).compile()
 
 
-def compile_text_encoder(configs, mesh, text_tokens: int, rows: int):
+def compile_text_encoder(configs, mesh, text_tokens: int, rows: int, offload: bool = False):
+    """The GPT-OSS encoder program; `offload`: its decoder layers in pinned host memory, streamed
+    (offload="text_encoder" / "all", as LensPipeline.text_encoder places them)."""
     from lens_jax import parallel
     from lens_jax.models import text_encoder as te
+    from lens_jax.parallel import offload as offload_lib
 
     dit_config, config = configs["dit"], configs["te"]
     selected = tuple(dit_config.selected_layer_index)
     config = config.truncated(max(selected) + 1)
     abstract = jax.eval_shape(lambda: te.init_params(config, jax.random.key(0), jnp.bfloat16, packed=True))
     shardings = parallel.logical_shardings(abstract, te.param_axes(config, packed=True, params=abstract), mesh)
+    if offload:
+        shardings = offload_lib.on_host(shardings, "layers")
     sds = jax.ShapeDtypeStruct
     ids = sds((rows, text_tokens), jnp.int32, sharding=parallel.batch_sharding(mesh, rows, 2))
     mask = sds((rows, text_tokens), jnp.bool_, sharding=parallel.batch_sharding(mesh, rows, 2))
-    fn = jax.jit(te.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding"))
+    fn = jax.jit(te.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding", "stream"))
     return fn.lower(_abstract(abstract, shardings), config, ids, mask, selected,
-                    sharding=parallel.DEFAULT_RULES.bind(mesh)).compile()
+                    sharding=parallel.DEFAULT_RULES.bind(mesh),
+                    stream=parallel.HostStream() if offload else None).compile()
 
 
 def compile_train_step(configs, mesh, size: int, lora: bool, text_tokens: int, batch: int, rank: int = 32,
@@ -311,6 +318,9 @@ def main(argv=None) -> int:
         if "text" in args.programs:
             jobs.append((f"text encoder 2 x {args.text_tokens} tokens",
                          lambda: compile_text_encoder(configs, mesh, args.text_tokens, 2)))
+        if "text-offload" in args.programs:
+            jobs.append((f"text encoder 2 x {args.text_tokens} tokens, layers streamed from host",
+                         lambda: compile_text_encoder(configs, mesh, args.text_tokens, 2, offload=True)))
         for label, job in jobs:
             t0 = time.perf_counter()
             try:

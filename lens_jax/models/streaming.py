@@ -1,7 +1,7 @@
 """Running stacked layers whose parameters live in host memory, one layer ahead on the device.
 
 `scan_layers(step, carry, stacked, stream)` is `lax.scan(step, carry, stacked)` when `stream` is
-None. With a stream (duck-typed: `stream.to_device(tree)` moves one layer's parameters into
+None. With a stream (duck-typed: `stream.fetch(stacked, i)` returns layer i of the stack in
 device memory, e.g. from `pinned_host`), the loop fetches layer i + 1 while layer i computes
 (double buffering: the transfer of the next layer overlaps the current layer's work), so the
 device holds about two layers instead of the stack. The models stay mesh-agnostic:
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 
 class LayerStream(Protocol):
-    def to_device(self, tree: Any) -> Any: ...
+    def fetch(self, stacked: Any, i: Any) -> Any: ...
 
 
 def layer(stacked: Any, i) -> Any:
@@ -33,7 +33,7 @@ def scan_layers(step: Callable[[Any, Any], tuple[Any, Any]], carry: Any, stacked
     n = jax.tree.leaves(stacked)[0].shape[0]
 
     def fetch(i):
-        return stream.to_device(layer(stacked, i))
+        return stream.fetch(stacked, i)
 
     def body(state, i):
         inner, current = state

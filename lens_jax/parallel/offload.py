@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding
 
 from ..errors import InputError
+from ..models import streaming
 
 OFFLOAD_MODES = ("none", "text_encoder", "all", "auto")
 HOST = "pinned_host"
@@ -29,10 +31,33 @@ HOST = "pinned_host"
 
 @dataclass(frozen=True)
 class HostStream:
-    """Brings one layer's parameters from host memory into device memory (keeps their sharding)."""
+    """Brings one layer of a stack in host memory into device memory (keeps its sharding)."""
 
-    def to_device(self, tree: Any) -> Any:
-        return jax.device_put(tree, jax.memory.Space.Device)
+    def fetch(self, stacked: Any, i: Any) -> Any:
+        """Layer i of `stacked` (every leaf [layers, ...], in host memory), in device memory."""
+        return jax.lax.platform_dependent(stacked, i, tpu=_fetch_sliced_on_host, default=_fetch)
+
+
+def _fetch(stacked: Any, i: Any) -> Any:
+    return jax.device_put(streaming.layer(stacked, i), jax.memory.Space.Device)
+
+
+def _fetch_sliced_on_host(stacked: Any, i: Any) -> Any:
+    # XLA:TPU (libtpu 0.0.42) cannot slice one layer out of a pinned_host array on its way to the
+    # device for most leaves: the asynchronous slice needs whole (8, 128) tiles (2-D leaves:
+    # "Sublane slicing size must be multiple of element packing factor") and the same layout on
+    # both sides, which layout assignment does not keep (>= 3-D: "Inconsistent layout DS" abort).
+    # Those leaves are sliced on the host (an asynchronous host computation) and arrive as plain
+    # one-layer arrays. One-byte leaves (MXFP4 blocks and scales) are the exception: the host
+    # computation gets another tiling for them than the host arrays have ("async-start expects
+    # the async shape ... to match"), and the device-side slice takes them.
+    on_host = jax.tree.map(lambda a: a.dtype.itemsize > 1, stacked)
+    host_part = jax.tree.map(lambda a, h: a if h else None, stacked, on_host)
+    with compute_on("device_host"):
+        sliced = jax.jit(streaming.layer)(host_part, i)
+    sliced = jax.device_put(sliced, jax.memory.Space.Device)
+    direct = _fetch(jax.tree.map(lambda a, h: None if h else a, stacked, on_host), i)
+    return jax.tree.map(lambda h, a, b: a if h else b, on_host, sliced, direct, is_leaf=lambda x: x is None)
 
 
 def check_mode(mode: str) -> str:

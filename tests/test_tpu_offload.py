@@ -1,0 +1,112 @@
+"""offload="all" / "text_encoder" compile for TPU (issue 16), caught without a TPU: AOT-compile the tiny
+config's streamed sampler and streamed text encoder for one v5e chip and check that the stacked layer
+parameters are arguments in host memory; and (on CPU) that the TPU way of fetching a layer gives the layer.
+
+XLA:TPU refused these programs while the layer was cut out of the host stack by a dynamic slice on its
+way to the device (2-D leaves: "Sublane slicing size must be multiple of element packing factor";
+>= 3-D: a layout check abort), so a failure here can also be a crash of the test process.
+Needs libtpu (the `tpu-aot` extra), like tests/test_tpu_aot.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import numpy as np
+
+from lens_jax.parallel import offload
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'lens-jax[tpu-aot]'; it has wheels for Linux x86-64 only)")
+
+
+@pytest.fixture(scope="module")
+def aot_tpu():
+    import aot_tpu
+
+    return aot_tpu
+
+
+@pytest.fixture(scope="module")
+def chip(aot_tpu):
+    from lens_jax import parallel
+
+    return parallel.make_mesh(1, 1, 1, devices=aot_tpu.topology_devices("v5e:2x2")[:1])
+
+
+@pytest.fixture(scope="module")
+def configs(aot_tpu):
+    return aot_tpu.load_configs("tiny")
+
+
+def test_tpu_fetch_gives_the_layer_in_device_memory():
+    """The TPU branch of HostStream.fetch (host-side slice; one-byte leaves by the device-side slice), run on CPU."""
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=offload.HOST)
+    stacked = {"norm": jnp.arange(24, dtype=jnp.bfloat16).reshape(3, 8),
+               "experts": {"scales": jnp.arange(60, dtype=jnp.uint8).reshape(3, 4, 5),
+                           "kernel": jnp.arange(36, dtype=jnp.float32).reshape(3, 3, 4)}}
+    stacked = jax.device_put(stacked, host)
+    layer = jax.jit(offload._fetch_sliced_on_host)(stacked, 1)
+    assert jax.tree.structure(layer) == jax.tree.structure(stacked)
+    for got, want in zip(jax.tree.leaves(layer), jax.tree.leaves(stacked)):
+        assert got.sharding.memory_kind == "device" and got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[1])
+
+
+def _bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@needs_libtpu
+def test_streamed_sampler_compiles_for_tpu_with_blocks_in_host_memory(aot_tpu, chip, configs):
+    from lens_jax.models import transformer as dit
+
+    compiled = aot_tpu.compile_sampler(configs, chip, 64, False, 2, 64, 1, offload=True)
+    blocks = jax.eval_shape(lambda: dit.init_params(configs["dit"], jax.random.key(0), jnp.bfloat16))
+    blocks = blocks["transformer_blocks"]
+    placed = compiled.input_shardings[0][0]
+    assert {s.memory_kind for s in jax.tree.leaves(placed["transformer_blocks"])} == {"pinned_host"}
+    assert placed["img_in"]["kernel"].memory_kind == "device"
+    mem = compiled.memory_analysis()
+    assert mem.host_argument_size_in_bytes >= _bytes(blocks) > 0  # >=: TPU tiles pad small arrays
+    assert "HostExecute" in compiled.as_text()  # the layer is sliced out of the stack on the host
+
+
+@needs_libtpu
+def test_streamed_text_encoder_compiles_for_tpu_with_layers_in_host_memory(aot_tpu, chip, configs):
+    compiled = aot_tpu.compile_text_encoder(configs, chip, 16, 2, offload=True)
+    placed = compiled.input_shardings[0][0]
+    assert {s.memory_kind for s in jax.tree.leaves(placed["layers"])} == {"pinned_host"}
+    assert placed["embed_tokens"]["embedding"].memory_kind == "device"
+    mem = compiled.memory_analysis()
+    assert mem.host_argument_size_in_bytes > 0
+
+
+@needs_libtpu
+def test_one_byte_stacks_stream_on_tpu(chip):
+    """MXFP4 scales (uint8 [layers, experts, rows, blocks]): sliced on the host, libtpu gives the host
+    computation another tiling than the host array ("async-start expects the async shape ... to match")."""
+    from lens_jax.models import streaming
+
+    host = jax.sharding.NamedSharding(chip, jax.sharding.PartitionSpec(), memory_kind=offload.HOST)
+    scales = jax.ShapeDtypeStruct((4, 32, 576, 90), jnp.uint8, sharding=host)
+
+    def run(stacked):
+        total, _ = streaming.scan_layers(lambda c, p: (c + jnp.sum(p, dtype=jnp.int32), None), jnp.int32(0),
+                                         stacked, offload.HostStream())
+        return total
+
+    compiled = jax.jit(run).lower(scales).compile()
+    assert compiled.memory_analysis().host_argument_size_in_bytes >= scales.size
