@@ -2,8 +2,8 @@
 
 Exactness: the decode is compared bit for bit with `dequantize_np(...).astype(dtype)` over every
 E2M1 code x every E8M0 scale byte (the dequantisation is exact, so no tolerance applies). The MoE
-checks are structural (what the traced program contains) plus one numerical check with extreme
-scale bytes at the MoE suite's cross-dispatch tolerance (2e-6 x max|value|, float32 summation
+checks are structural (what the traced program contains) plus one numerical check of the general
+decode branch at the MoE suite's cross-dispatch tolerance (2e-6 x max|value|, float32 summation
 order only; tests/test_moe.py).
 """
 
@@ -41,7 +41,7 @@ def exhaustive():
     blocks, scales = _every_code_and_scale()
     with np.errstate(over="ignore"):  # scale bytes >= 253 overflow to +-inf, in both
         ref = mxfp4.dequantize_np(blocks, scales)
-    decode = jax.jit(mxfp4.decode, static_argnums=2)
+    decode = jax.jit(mxfp4.decode, static_argnums=2, static_argnames="fast")
     return blocks, scales, ref, decode
 
 
@@ -56,6 +56,22 @@ def test_decode_is_bit_equal_for_every_code_and_scale(exhaustive, dtype):
     assert got.dtype == want.dtype and got.shape == (256, 32)
     bad = np.argwhere(_bits(got) != _bits(want))
     assert not len(bad), f"{len(bad)} mismatches, first at (scale byte, element) {tuple(bad[0])}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_fast_decode_is_exact_exactly_on_its_range(exhaustive, dtype):
+    blocks, scales, ref, decode = exhaustive
+    lo, hi = mxfp4.fast_scale_range(dtype)
+    got = np.asarray(decode(jnp.asarray(blocks), jnp.asarray(scales), dtype, fast=True))
+    with np.errstate(over="ignore"):
+        want = ref.astype(np.dtype(dtype))
+    exact = (_bits(got) == _bits(want)).all(axis=1)
+    assert exact[lo:hi + 1].all()
+    # the range is tight: the byte just outside it on each side is not decoded exactly
+    assert not exact[lo - 1] and not exact[hi + 1]
+    inside = jnp.asarray([[lo, hi]], jnp.uint8)
+    assert bool(mxfp4.fast_decodable(inside, dtype))
+    assert not bool(mxfp4.fast_decodable(jnp.asarray([[lo, hi + 1]], jnp.uint8), dtype))
 
 
 def test_other_float_dtypes_decode_through_float32():
@@ -148,7 +164,7 @@ def test_packed_moe_has_no_weight_gather_or_transpose(impl, monkeypatch):
     names = {e.primitive.name for e in _all_eqns(closed.jaxpr)}
     assert "bitcast_convert_type" in names and names & {"dot_general", "ragged_dot_general"}
     assert _weight_ops(closed.jaxpr, packed)[0] == []
-    monkeypatch.setattr(T, "_expert_weight", _legacy_expert_weight)
+    monkeypatch.setattr(T, "_expert_weight", lambda ex, n, i, d, fast=False: _legacy_expert_weight(ex, n, i, d))
     closed, packed = _moe_jaxpr(experts, impl)
     legacy = _weight_ops(closed.jaxpr, packed)[0]
     assert any(op.startswith("gather") for op in legacy) and any(op.startswith("transpose") for op in legacy)
@@ -164,14 +180,16 @@ def _all_eqns(jaxpr):
                     yield from _all_eqns(inner)
 
 
-def test_extreme_scales_in_the_moe():
-    """Experts with subnormal and top-of-range scale bytes next to ordinary ones: every dispatch agrees
-    with float experts holding `dequantize_np`'s weights."""
+def test_general_decode_branch_in_the_moe():
+    """An expert with scale bytes outside the direct decode's range takes the general decode inside
+    every dispatch; all agree with float experts holding `dequantize_np`'s weights."""
     packed = _packed_experts(1)
     packed["gate_up_proj_scales"][0, 1, 3, 0] = 1  # expert 1: one block of subnormal (tiny) values
     packed["down_proj_scales"][0, 2, 5, 1] = 255  # expert 2: one block at the top scale byte, holding
     packed["down_proj_blocks"][0, 2, 5, 1] = 0x80  # only zeros and -0s (anything else would be +-inf)
     experts = jax.tree.map(jnp.asarray, packed)
+    assert not bool(mxfp4.fast_decodable(experts["gate_up_proj_scales"][0, 1], jnp.float32))
+    assert not bool(mxfp4.fast_decodable(experts["down_proj_scales"][0, 2], jnp.float32))
     floats = {k: v for k, v in packed.items() if "bias" in k}
     for name in ("gate_up_proj", "down_proj"):
         floats[name] = mxfp4.dequantize_np(packed[f"{name}_blocks"], packed[f"{name}_scales"]).swapaxes(-1, -2)

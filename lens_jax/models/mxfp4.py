@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FP4_VALUES", "BLOCK", "SCALE_BIAS", "dequantize_np", "dequantize", "decode", "quantize_np", "packed_shapes"]
+__all__ = ["FP4_VALUES", "BLOCK", "SCALE_BIAS", "dequantize_np", "dequantize", "decode", "fast_decodable", "fast_scale_range", "quantize_np", "packed_shapes"]
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK = 32  # values per scale
@@ -63,6 +63,19 @@ _FORMATS = {
 }
 
 
+def fast_scale_range(dtype) -> tuple[int, int]:
+    """(lo, hi): the scale bytes for which `decode(..., fast=True)` is exact in `dtype` (float32 /
+    bfloat16: 2..252, float16: 114..140): every value of such a block is a normal number."""
+    _, _, bias, max_exp = _FORMATS[jnp.dtype(dtype)]
+    return 129 - bias, max_exp + 125 - bias
+
+
+def fast_decodable(scales: jax.Array, dtype) -> jax.Array:
+    """Scalar bool: every scale byte lies in `fast_scale_range(dtype)` (true of real checkpoints)."""
+    lo, hi = fast_scale_range(_decode_dtype(dtype))
+    return jnp.all((scales >= lo) & (scales <= hi))
+
+
 def _decode_dtype(dtype) -> jnp.dtype:
     dtype = jnp.dtype(dtype)
     return dtype if dtype in _FORMATS else jnp.dtype(jnp.float32)
@@ -75,7 +88,7 @@ def _codes(blocks: jax.Array) -> jax.Array:
     return (pair & 0xF).reshape(*blocks.shape[:-1], BLOCK)
 
 
-def _float_bits(code: jax.Array, scale: jax.Array, mant: int, bias: int, max_exp: int) -> jax.Array:
+def _float_bits(code: jax.Array, scale: jax.Array, mant: int, bias: int, max_exp: int, fast: bool) -> jax.Array:
     """int32 bit patterns of E2M1 `code` x 2**(scale - 127) in a float format with `mant` mantissa
     bits, exponent `bias` and largest finite biased exponent `max_exp`, rounded like a float cast
     (round to nearest even into subnormals, overflow to infinity). code int32 [..., 32], scale
@@ -83,28 +96,34 @@ def _float_bits(code: jax.Array, scale: jax.Array, mant: int, bias: int, max_exp
 
     A code is sign (bit 3), exponent e (bits 2-1), mantissa m (bit 0): e > 0 is 2**(e-1) x 1.m and
     e == 0 is m x 0.5 (zero or one half). With x0 = scale - 128 + bias the biased exponent of the
-    result is x = e + x0 (e > 0) or x0 (the half); where 1 <= x <= max_exp (every block with scale
-    bytes 2..252 in float32 / bfloat16) the bits are `x << mant | m << (mant - 1)`.
+    result is e + x0 (e > 0) or x0 (the half), so for blocks in `fast_scale_range` (1 <= x0 <=
+    max_exp - 3) the bits are simply `mag << (mant - 1)` + `x0 << mant`. `fast=True` computes only
+    that; otherwise blocks outside the range take the general formula.
     """
     width = 32 if mant == 23 else 16
     sign = (code & 8) << (width - 4)
     mag = code & 7
-    e, m = mag >> 1, mag & 1
     x0 = scale - 128 + bias
-    x = jnp.where(e > 0, e + x0, x0)  # biased exponent of the leading bit
-    q = jnp.where(e > 0, 2 + m, 2)  # significand with one fraction bit: 1.0 -> 2, 1.5 -> 3
-    normal = (x << mant) | (jnp.where(e > 0, m, 0) << (mant - 1))
-    # x <= 0: a subnormal, q x 2**(x + mant - 2) units of the smallest subnormal; right shifts round
-    # to nearest even (only float16 gets there with bits to drop)
-    s = x + mant - 2
-    up = q << jnp.clip(s, 0, mant)
-    n = jnp.clip(-s, 1, 4)
-    down = (q + ((1 << n) >> 1) - 1 + ((q >> n) & 1)) >> n
-    bits = jnp.where(x <= 0, jnp.where(s >= 0, up, down), jnp.where(x > max_exp, (max_exp + 1) << mant, normal))
-    return sign | jnp.where(mag == 0, 0, bits)
+    bits = jnp.where(mag >= 2, (mag << (mant - 1)) + (x0 << mant), jnp.where(mag == 1, x0 << mant, 0))
+    if not fast:
+        e, m = mag >> 1, mag & 1
+        x = jnp.where(e > 0, e + x0, x0)  # biased exponent of the leading bit
+        q = jnp.where(e > 0, 2 + m, 2)  # significand with one fraction bit: 1.0 -> 2, 1.5 -> 3
+        normal = (x << mant) | (jnp.where(e > 0, m, 0) << (mant - 1))
+        # x <= 0: a subnormal, q x 2**(x + mant - 2) units of the smallest subnormal; right shifts
+        # round to nearest even (only float16 gets there with bits to drop)
+        s = x + mant - 2
+        up = q << jnp.clip(s, 0, mant)
+        n = jnp.clip(-s, 1, 4)
+        down = (q + ((1 << n) >> 1) - 1 + ((q >> n) & 1)) >> n
+        general = jnp.where(x <= 0, jnp.where(s >= 0, up, down),
+                            jnp.where(x > max_exp, (max_exp + 1) << mant, normal))
+        in_range = (x0 >= 1) & (x0 <= max_exp - 3)
+        bits = jnp.where(in_range, bits, jnp.where(mag == 0, 0, general))
+    return sign | bits
 
 
-def decode(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+def decode(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16, *, fast: bool = False) -> jax.Array:
     """jnp MXFP4 -> [..., rows, G*32] in `dtype`, for use inside jit.
 
     Gather-free and exact: each value's bits are assembled from its E2M1 code and the block's E8M0
@@ -114,6 +133,9 @@ def decode(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Arra
     overflow to inf). Elementwise, so it fuses into its consumer: a matmul that contracts the stored
     [out, in] layout directly (`lax.dot_general`) lets XLA:GPU fuse the decode into the dot operand.
 
+    fast=True: only the direct formula, exact where `fast_decodable(scales, dtype)` holds (garbage
+    elsewhere); about half the integer work. Pick it with a `lax.cond` on that predicate.
+
     Caveat: backends that flush subnormals (XLA on CPU) treat the subnormal results of scale bytes 0
     and 1 (float32 / bfloat16) as zero in any later arithmetic; real checkpoints use scales far
     above that.
@@ -122,7 +144,7 @@ def decode(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Arra
     target = jnp.dtype(dtype)
     dt = _decode_dtype(target)
     uint, mant, bias, max_exp = _FORMATS[dt]
-    bits = _float_bits(_codes(blocks), scales.astype(jnp.int32)[..., None], mant, bias, max_exp)
+    bits = _float_bits(_codes(blocks), scales.astype(jnp.int32)[..., None], mant, bias, max_exp, fast)
     out = jax.lax.bitcast_convert_type(bits.astype(uint), dt).reshape(*blocks.shape[:-2], -1)
     return out if dt == target else out.astype(target)
 
