@@ -9,7 +9,9 @@ parameters in place (no per-call copy of the stack).
 
 Expert weights are either float ([L, E, in, out], transformers' layout) or kept in MXFP4
 (`*_blocks`/`*_scales` uint8 as on disk, dequantised inside the jitted forward one expert at a
-time), which keeps GPT-OSS-20B at about 13 GB instead of about 42 GB in bfloat16.
+time), which keeps GPT-OSS-20B at about 13 GB instead of about 42 GB in bfloat16. The decode
+(`mxfp4.decode`: integer ops, no table gather) yields the stored [out, in] layout, which the expert
+matmuls contract directly: no transposed copy, and the decode is an elementwise producer of the dot.
 
 MoE dispatch (`moe_impl`):
   * "auto" (default): `MOE_DISPATCH`, a table keyed by backend and routed-token count, picks one of
