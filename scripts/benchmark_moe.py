@@ -72,7 +72,7 @@ def main() -> int:
         deq_ms, deq_cpu = best_of(lambda: jax.block_until_ready(f(experts)), args.runs, warmup=False)
         print(f"dequantise one layer's 32 experts alone: {deq_ms:.0f} ms (CPU time {deq_cpu:.0f} ms)", flush=True)
 
-    def legacy_expert_weight(experts, name, index, dtype):
+    def legacy_expert_weight(experts, name, index, dtype, fast=False):
         """The decode before issue 11 item 4: two LUT gathers, a stack, ldexp, a multiply, and a swap of
         the last two axes (a transposed copy of every expert matrix)."""
         if name in experts:
