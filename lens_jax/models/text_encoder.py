@@ -78,7 +78,8 @@ class MoeDispatch:
 MOE_DISPATCH: tuple[MoeDispatch, ...] = (
     MoeDispatch("cpu", 0, None, "grouped", True,
                 "measured on CPU at the real GPT-OSS shape for 64 / 192 / 1024 tokens "
-                "(scripts/benchmark_moe.py): fastest at every count"),
+                "(scripts/benchmark_moe.py): fastest at every count; re-measured with the gather-free MXFP4 "
+                "decode (docs/benchmarks.md, MXFP4 decode): grouped 0.6x dense's CPU time at 64 tokens"),
     MoeDispatch("gpu", 0, 256, "grouped", False,
                 "unmeasured (no GPU this session): few tokens touch few experts, and grouped reads and "
                 "dequantises only those; dense and ragged dequantise all 32 experts of the layer"),
