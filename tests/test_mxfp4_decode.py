@@ -77,7 +77,7 @@ def test_fast_decode_is_exact_exactly_on_its_range(exhaustive, dtype):
 def test_other_float_dtypes_decode_through_float32():
     blocks, scales = _every_code_and_scale()
     blocks, scales = blocks[100:140], scales[100:140]
-    got = np.asarray(mxfp4.decode(jnp.asarray(blocks), jnp.asarray(scales), jnp.float8_e4m3fn))
+    got = np.asarray(jax.jit(mxfp4.decode, static_argnums=2)(jnp.asarray(blocks), jnp.asarray(scales), jnp.float8_e4m3fn))
     want = mxfp4.dequantize_np(blocks, scales).astype(jnp.float8_e4m3fn)
     np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
 
@@ -199,10 +199,11 @@ def test_general_decode_branch_in_the_moe():
     idx = jnp.asarray(np.stack([rng.permutation(4)[:2] for _ in range(TOKENS)]).astype(np.int32))
     assert {1, 2} <= set(np.asarray(idx).ravel().tolist())
     w = jax.nn.softmax(jnp.asarray(rng.standard_normal((TOKENS, 2)), jnp.float32))
-    run = jax.jit(lambda x, e, impl: T.moe(x, e, 0, w, idx, CFG, impl), static_argnums=2)
-    want = np.asarray(run(x, floats, "dense"))
+    every = jax.jit(lambda x, e, f: {"reference": T.moe(x, f, 0, w, idx, CFG, "dense"),
+                                      **{impl: T.moe(x, e, 0, w, idx, CFG, impl) for impl in T.MOE_FIXED_IMPLS}})
+    outs = {k: np.asarray(v) for k, v in every(x, experts, floats).items()}
+    want = outs.pop("reference")
     scale = float(np.abs(want).max())
     assert np.isfinite(want).all() and scale > 0
-    for impl in T.MOE_FIXED_IMPLS:
-        got = np.asarray(run(x, experts, impl))
+    for impl, got in outs.items():
         assert float(np.abs(got - want).max()) <= CROSS_REL * scale, impl
