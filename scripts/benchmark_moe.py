@@ -3,6 +3,7 @@
 
     python scripts/benchmark_moe.py                                  # CPU: 64 / 192 / 1024 tokens, f32
     python scripts/benchmark_moe.py --tokens 64 192 1024 --impls grouped ragged dense --runs 3
+    python scripts/benchmark_moe.py --impls grouped --before        # also the pre-issue-11 decode, same process
 
 Real GPT-OSS-20B widths (hidden 2880, expert width 2880, 32 experts, top-4), experts MXFP4-packed
 (uint8 blocks/scales, dequantised inside the jit as the encoder does), random weights and a
@@ -32,6 +33,9 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["f32", "bf16"], default=None, help="default: f32 on CPU, bf16 elsewhere")
     ap.add_argument("--dequantized", action="store_true", help="float experts instead of MXFP4-packed")
     ap.add_argument("--threads", type=int, default=None, help="pin to this many cores (CPU)")
+    ap.add_argument("--before", action="store_true",
+                    help="also time each dispatch with the earlier MXFP4 path (table gathers, then a transposed "
+                         "copy of every expert matrix), alternating with the current one in this process")
     args = ap.parse_args()
     if args.threads:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
@@ -68,6 +72,21 @@ def main() -> int:
         deq_ms, deq_cpu = best_of(lambda: jax.block_until_ready(f(experts)), args.runs, warmup=False)
         print(f"dequantise one layer's 32 experts alone: {deq_ms:.0f} ms (CPU time {deq_cpu:.0f} ms)", flush=True)
 
+    def legacy_expert_weight(experts, name, index, dtype, fast=False):
+        """The decode before issue 11 item 4: two LUT gathers, a stack, ldexp, a multiply, and a swap of
+        the last two axes (a transposed copy of every expert matrix)."""
+        if name in experts:
+            return experts[name][index].astype(dtype), False
+        blocks, scales = experts[f"{name}_blocks"][index], experts[f"{name}_scales"][index]
+        lut = jnp.asarray(mxfp4.FP4_VALUES, dtype)
+        lo = jnp.take(lut, (blocks & 0x0F).astype(jnp.int32), mode="clip")
+        hi = jnp.take(lut, (blocks >> 4).astype(jnp.int32), mode="clip")
+        vals = jnp.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], mxfp4.BLOCK)
+        scale = jnp.ldexp(jnp.ones((), jnp.float32), scales.astype(jnp.int32) - mxfp4.SCALE_BIAS).astype(dtype)
+        return jnp.swapaxes((vals * scale[..., None]).reshape(*blocks.shape[:-2], -1), -1, -2), False
+
+    current = T._expert_weight  # swapped for legacy_expert_weight only while tracing a "before" program
+
     rows = []
     rng = np.random.default_rng(0)
     for t in args.tokens:
@@ -84,6 +103,19 @@ def main() -> int:
             fn = jax.jit(layer, static_argnums=3).lower(x, experts, router, impl).compile()
             compile_s = time.perf_counter() - t0
             outs[impl] = np.asarray(fn(x, experts, router), np.float32)
+            if args.before and not args.dequantized:
+                T._expert_weight = legacy_expert_weight
+                # a new function object, so that jax traces again (a jit of `layer` itself would reuse its trace)
+                old = jax.jit(lambda *a: layer(*a), static_argnums=3).lower(x, experts, router, impl).compile()
+                assert "gather(" in old.as_text(), "the 'before' program did not pick up the earlier decode"
+                T._expert_weight = current
+                same = np.array_equal(np.asarray(old(x, experts, router), np.float32), outs[impl])
+                pairs = [(best_of(lambda: jax.block_until_ready(old(x, experts, router)), 1, warmup=False),
+                          best_of(lambda: jax.block_until_ready(fn(x, experts, router)), 1, warmup=False))
+                         for _ in range(args.runs)]
+                (bw, bc), (nw, nc) = min(p[0] for p in pairs), min(p[1] for p in pairs)
+                print(f"  tokens {t:5d}  {impl:<8} before {bw:9.1f} ms (CPU {bc:9.1f})  now {nw:9.1f} ms (CPU {nc:9.1f})"
+                      f"  CPU-time ratio now/before {nc / bc:.2f}; outputs bit-equal: {same}", flush=True)
             times[impl], cpu = best_of(lambda: jax.block_until_ready(fn(x, experts, router)), args.runs, warmup=False)
             cpus[impl] = cpu
             print(f"  tokens {t:5d}  {impl:<8} {times[impl]:9.1f} ms   CPU time {cpu:9.1f} ms   "

@@ -9,7 +9,9 @@ parameters in place (no per-call copy of the stack).
 
 Expert weights are either float ([L, E, in, out], transformers' layout) or kept in MXFP4
 (`*_blocks`/`*_scales` uint8 as on disk, dequantised inside the jitted forward one expert at a
-time), which keeps GPT-OSS-20B at about 13 GB instead of about 42 GB in bfloat16.
+time), which keeps GPT-OSS-20B at about 13 GB instead of about 42 GB in bfloat16. The decode
+(`mxfp4.decode`: integer ops, no table gather) yields the stored [out, in] layout, which the expert
+matmuls contract directly: no transposed copy, and the decode is an elementwise producer of the dot.
 
 MoE dispatch (`moe_impl`):
   * "auto" (default): `MOE_DISPATCH`, a table keyed by backend and routed-token count, picks one of
@@ -76,7 +78,8 @@ class MoeDispatch:
 MOE_DISPATCH: tuple[MoeDispatch, ...] = (
     MoeDispatch("cpu", 0, None, "grouped", True,
                 "measured on CPU at the real GPT-OSS shape for 64 / 192 / 1024 tokens "
-                "(scripts/benchmark_moe.py): fastest at every count"),
+                "(scripts/benchmark_moe.py): fastest at every count; re-measured with the gather-free MXFP4 "
+                "decode (docs/benchmarks.md, MXFP4 decode): grouped 0.6x dense's CPU time at 64 tokens"),
     MoeDispatch("gpu", 0, 256, "grouped", False,
                 "unmeasured (no GPU this session): few tokens touch few experts, and grouped reads and "
                 "dequantises only those; dense and ragged dequantise all 32 experts of the layer"),
@@ -498,12 +501,34 @@ def _glu(gate_up: jax.Array, limit: float, alpha: float) -> jax.Array:
     return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
 
 
-def _expert_weight(experts: Params, name: str, index: tuple, dtype) -> jax.Array:
-    """One expert matrix (or a stack) as [..., in, out], dequantising MXFP4 when packed."""
+def _expert_weight(experts: Params, name: str, index: tuple, dtype, fast: bool = False) -> tuple[jax.Array, bool]:
+    """One expert matrix (or a stack) and whether it is in the stored [..., out, in] layout.
+
+    Float experts come as [..., in, out] (transformers' layout). MXFP4 ones are decoded in the layout
+    they are stored in, [..., out, in], and the matmuls contract that directly (`_expert_dot`): no
+    transposed copy of the weights, and the decode stays an elementwise producer of the dot.
+    `fast`: `mxfp4.decode`'s direct formula, valid where `_fast_decodable` holds.
+    """
     if name in experts:
-        return experts[name][index].astype(dtype)
-    w = mxfp4.dequantize(experts[f"{name}_blocks"][index], experts[f"{name}_scales"][index], dtype)
-    return jnp.swapaxes(w, -1, -2)  # stored [out, in]
+        return experts[name][index].astype(dtype), False
+    w = mxfp4.decode(experts[f"{name}_blocks"][index], experts[f"{name}_scales"][index], dtype, fast=fast)
+    return w, True
+
+
+def _expert_dot(x: jax.Array, w: jax.Array, stored: bool) -> jax.Array:
+    """x [n, in] times one expert weight from `_expert_weight` -> [n, out]."""
+    return jax.lax.dot_general(x, w, (((1,), (1 if stored else 0,)), ((), ())))
+
+
+def _with_decode(experts: Params, index: tuple, dtype, fn):
+    """fn(fast) for float experts, else a `lax.cond` between fn(True) (every MXFP4 scale of
+    experts[index] in the direct decode's range, as in real checkpoints) and the exact general
+    decode fn(False); each branch decodes next to its matmuls."""
+    if "gate_up_proj_blocks" not in experts:
+        return fn(False)
+    pred = (mxfp4.fast_decodable(experts["gate_up_proj_scales"][index], dtype)
+            & mxfp4.fast_decodable(experts["down_proj_scales"][index], dtype))
+    return jax.lax.cond(pred, lambda: fn(True), lambda: fn(False))
 
 
 def route(x: jax.Array, router: Params, top_k: int) -> tuple[jax.Array, jax.Array]:
@@ -549,10 +574,13 @@ def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Arr
     d_bias = experts["down_proj_bias"][layer].astype(dtype)  # [E, h]
 
     if impl == "dense":
-        w_gu = _expert_weight(experts, "gate_up_proj", (layer,), dtype)
-        w_d = _expert_weight(experts, "down_proj", (layer,), dtype)
-        mid = act(jnp.einsum("th,ehf->etf", x, w_gu) + gu_bias[:, None])
-        y = jnp.einsum("etf,efh->eth", mid, w_d) + d_bias[:, None]
+        def dense_experts(fast):
+            w_gu, stored = _expert_weight(experts, "gate_up_proj", (layer,), dtype, fast)
+            w_d, _ = _expert_weight(experts, "down_proj", (layer,), dtype, fast)
+            mid = act(jnp.einsum("th,efh->etf" if stored else "th,ehf->etf", x, w_gu) + gu_bias[:, None])
+            return jnp.einsum("etf,ehf->eth" if stored else "etf,efh->eth", mid, w_d) + d_bias[:, None]
+
+        y = _with_decode(experts, (layer,), dtype, dense_experts)
         combine = jnp.zeros((t, n_exp), jnp.float32).at[jnp.arange(t)[:, None], router_idx].set(router_weights)
         return jnp.einsum("eth,te->th", y.astype(jnp.float32), combine).astype(dtype)
 
@@ -563,10 +591,14 @@ def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Arr
     xs = x[order // k]  # [T*k, h]
 
     if impl == "ragged":
-        w_gu = _expert_weight(experts, "gate_up_proj", (layer,), dtype)
-        w_d = _expert_weight(experts, "down_proj", (layer,), dtype)
-        mid = act(jax.lax.ragged_dot(xs, w_gu, sizes) + gu_bias[sorted_e])
-        ys = jax.lax.ragged_dot(mid, w_d, sizes) + d_bias[sorted_e]
+        def ragged_experts(fast):
+            w_gu, stored = _expert_weight(experts, "gate_up_proj", (layer,), dtype, fast)
+            w_d, _ = _expert_weight(experts, "down_proj", (layer,), dtype, fast)
+            dims = jax.lax.RaggedDotDimensionNumbers((((1,), (2 if stored else 1,)), ((), ())), [0], [0])
+            mid = act(jax.lax.ragged_dot_general(xs, w_gu, sizes, dims) + gu_bias[sorted_e])
+            return jax.lax.ragged_dot_general(mid, w_d, sizes, dims) + d_bias[sorted_e]
+
+        ys = _with_decode(experts, (layer,), dtype, ragged_experts)
     elif impl == "grouped":
         ys = _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or default_chunk(t * k, n_exp))
     else:
@@ -586,22 +618,32 @@ def _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk: int
     # `chunk` spare rows at the end so that a chunk never reads or writes past the buffer.
     xs = jnp.concatenate([xs, jnp.zeros((chunk, h), dtype)])
 
-    def run_expert(out, e):
-        w_gu = _expert_weight(experts, "gate_up_proj", (layer, e), dtype)
-        w_d = _expert_weight(experts, "down_proj", (layer, e), dtype)
+    def run_expert(fast, out, e):
+        w_gu, stored = _expert_weight(experts, "gate_up_proj", (layer, e), dtype, fast)
+        w_d, _ = _expert_weight(experts, "down_proj", (layer, e), dtype, fast)
 
         def run_chunk(j, out):
             # The last chunk of expert e spills into rows of later experts (or the spare rows);
             # experts run in ascending order, so those rows are rewritten afterwards: no masking.
             start = starts[e] + j * chunk
             x_c = jax.lax.dynamic_slice_in_dim(xs, start, chunk)
-            y = jnp.matmul(act(jnp.matmul(x_c, w_gu) + gu_bias[e]), w_d) + d_bias[e]
+            y = _expert_dot(act(_expert_dot(x_c, w_gu, stored) + gu_bias[e]), w_d, stored) + d_bias[e]
             return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, axis=0)
 
         return jax.lax.fori_loop(0, (sizes[e] + chunk - 1) // chunk, run_chunk, out)
 
+    def skip(out, e):
+        return out
+
     def body(out, e):
-        return jax.lax.cond(sizes[e] > 0, run_expert, lambda out, e: out, out, e), None
+        # 0: no rows for this expert; 1: decode exactly (float experts, or MXFP4 scales outside the
+        # direct decode's range); 2: the direct decode
+        branch = jnp.where(sizes[e] > 0, 1, 0)
+        if "gate_up_proj_blocks" in experts:
+            fast = (mxfp4.fast_decodable(experts["gate_up_proj_scales"][layer, e], dtype)
+                    & mxfp4.fast_decodable(experts["down_proj_scales"][layer, e], dtype))
+            branch = branch * (1 + fast.astype(jnp.int32))
+        return jax.lax.switch(branch, (skip, partial(run_expert, False), partial(run_expert, True)), out, e), None
 
     out, _ = jax.lax.scan(body, jnp.zeros((n + chunk, h), dtype), jnp.arange(sizes.shape[0]))
     return out[:n]
