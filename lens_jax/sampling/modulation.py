@@ -32,8 +32,9 @@ def table(dit_params, config: dit.TransformerConfig, timesteps: jax.Array, compu
 def on_host(dit_shardings: Any, stacked_key: str = "transformer_blocks") -> Any:
     """`dit_shardings` with the stacked `img_mod`/`txt_mod` kernels moved to pinned host memory.
 
-    The biases ([L, 6d], 0.9 MB in bf16 for the real DiT) stay on the device: the TPU compiler cannot
-    slice one layer out of a 2-D array in pinned host memory (see scripts/aot_tpu.py)."""
+    The biases ([L, 6d], 0.9 MB in bf16 for the real DiT) stay on the device: too small to be worth
+    a host stream (they were kept there when XLA:TPU could not slice 2-D host arrays, which
+    `offload.HostStream` now works round)."""
     blocks = dit_shardings[stacked_key]
     kernels = {k: {"kernel": blocks[k]["kernel"]} for k in dit.MODULATION_KEYS}
     moved = offload.on_host({stacked_key: kernels}, stacked_key)[stacked_key]
