@@ -507,7 +507,7 @@ def _expert_weight(experts: Params, name: str, index: tuple, dtype, fast: bool =
     Float experts come as [..., in, out] (transformers' layout). MXFP4 ones are decoded in the layout
     they are stored in, [..., out, in], and the matmuls contract that directly (`_expert_dot`): no
     transposed copy of the weights, and the decode stays an elementwise producer of the dot.
-    `fast`: `mxfp4.decode`'s direct formula, valid where `_fast_decodable` holds.
+    `fast`: `mxfp4.decode`'s direct formula, valid where `_fast_decode_ok` holds.
     """
     if name in experts:
         return experts[name][index].astype(dtype), False
@@ -520,14 +520,21 @@ def _expert_dot(x: jax.Array, w: jax.Array, stored: bool) -> jax.Array:
     return jax.lax.dot_general(x, w, (((1,), (1 if stored else 0,)), ((), ())))
 
 
-def _with_decode(experts: Params, index: tuple, dtype, fn):
-    """fn(fast) for float experts, else a `lax.cond` between fn(True) (every MXFP4 scale of
-    experts[index] in the direct decode's range, as in real checkpoints) and the exact general
-    decode fn(False); each branch decodes next to its matmuls."""
+def _fast_decode_ok(experts: Params, index: tuple, dtype) -> jax.Array | None:
+    """Scalar bool: every MXFP4 scale of experts[index] is in the direct decode's range (as in real
+    checkpoints); None for float experts."""
     if "gate_up_proj_blocks" not in experts:
-        return fn(False)
-    pred = (mxfp4.fast_decodable(experts["gate_up_proj_scales"][index], dtype)
+        return None
+    return (mxfp4.fast_decodable(experts["gate_up_proj_scales"][index], dtype)
             & mxfp4.fast_decodable(experts["down_proj_scales"][index], dtype))
+
+
+def _with_decode(experts: Params, index: tuple, dtype, fn):
+    """fn(fast) for float experts, else a `lax.cond` between fn(True) (`_fast_decode_ok`) and the
+    exact general decode fn(False); each branch decodes next to its matmuls."""
+    pred = _fast_decode_ok(experts, index, dtype)
+    if pred is None:
+        return fn(False)
     return jax.lax.cond(pred, lambda: fn(True), lambda: fn(False))
 
 
@@ -639,9 +646,8 @@ def _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk: int
         # 0: no rows for this expert; 1: decode exactly (float experts, or MXFP4 scales outside the
         # direct decode's range); 2: the direct decode
         branch = jnp.where(sizes[e] > 0, 1, 0)
-        if "gate_up_proj_blocks" in experts:
-            fast = (mxfp4.fast_decodable(experts["gate_up_proj_scales"][layer, e], dtype)
-                    & mxfp4.fast_decodable(experts["down_proj_scales"][layer, e], dtype))
+        fast = _fast_decode_ok(experts, (layer, e), dtype)
+        if fast is not None:
             branch = branch * (1 + fast.astype(jnp.int32))
         return jax.lax.switch(branch, (skip, partial(run_expert, False), partial(run_expert, True)), out, e), None
 

@@ -148,7 +148,6 @@ class LensPipeline:
             dit_shardings = offload_lib.on_host(dit_shardings, dit_spec.stacked_key)
         elif self.quantize is not None:  # bf16 img_mod/txt_mod only feed the per-generation modulation table
             dit_shardings = modulation_lib.on_host(dit_shardings, dit_spec.stacked_key)
-        self._modulation_on_host = self.quantize is not None
         self._dit_shardings = sampler_lib.ShardingTree(dit_shardings)
         self._vae_shardings = sampler_lib.ShardingTree(parallel.replicated_shardings(vae.params, self.mesh))
         self.dit_params = parallel.put_tree(transformer.params, self._dit_shardings.tree)
@@ -445,7 +444,7 @@ class LensPipeline:
             parallel.HostStream() if offload_lib.streams(self.offload, "transformer") else None,
             self._tiling(H * W, batch),
             inpaint=known is not None,
-            modulation_stream=modulation_lib.stream_for(self._modulation_on_host),
+            modulation_stream=modulation_lib.stream_for(self.quantize is not None),
         )
         key = (spec, batch, mask.shape[0])
         programs = self._programs.get(key)

@@ -41,11 +41,9 @@ def on_host(dit_shardings: Any, stacked_key: str = "transformer_blocks") -> Any:
     return {**dit_shardings, stacked_key: {**blocks, **{k: {**blocks[k], **moved[k]} for k in dit.MODULATION_KEYS}}}
 
 
-def stream_for(mods_on_host: bool, blocks_stream=None):
-    """The stream the table computation reads the modulation Linears with: the blocks' own stream when
-    the whole stack is offloaded, a `HostStream` when only the modulation lives in host memory, else None."""
-    if blocks_stream is not None:
-        return blocks_stream
+def stream_for(mods_on_host: bool):
+    """The stream the table computation reads the modulation Linears with: a `HostStream` when they live
+    in host memory, else None (the sampler falls back to the blocks' own stream when the stack streams)."""
     return parallel.HostStream() if mods_on_host else None
 
 
