@@ -14,11 +14,13 @@ out, and prints
 Rows: "per step" (today's path, every block runs its img_mod/txt_mod Linear at every step, so
 they sit in device memory) and "table" (computed once per generation; for a quantised DiT the
 modulation kernels stay in pinned host memory and stream in while the table is computed, as
-`LensPipeline(quantize=...)` does). `--tpu TOPOLOGY` compiles for one chip of a TPU topology
+`LensPipeline(quantize=...)` does; `--offload text_encoder` does the same for a bf16 DiT, as
+`LensPipeline(offload="text_encoder")` does). `--tpu TOPOLOGY` compiles for one chip of a TPU topology
 ahead of time instead (needs libtpu; e.g. `--tpu v5e:2x2`); nothing runs either way.
 
     python scripts/benchmark_modtable.py                       # real config, CPU compile, 256^2
     python scripts/benchmark_modtable.py --tpu v5e:2x2 --size 1024
+    python scripts/benchmark_modtable.py --tpu v5e:2x2 --size 1024 --modes bf16 --offload text_encoder
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _abstract(tree, shardings):
 
 
 def measure(dit_config, devices, mode: str | None, table: bool, size: int, steps: int, text_tokens: int,
-            compile_: bool = True) -> dict:
+            compile_: bool = True, offload: str = "none") -> dict:
     from lens_jax import parallel
     from lens_jax.models import quant
     from lens_jax.models import transformer as dit
@@ -58,7 +60,7 @@ def measure(dit_config, devices, mode: str | None, table: bool, size: int, steps
         abstract = jax.eval_shape(lambda p: quant.quantize_params(p, mode), abstract)
     axes = quant.quantized_axes(dit.param_axes(dit_config), abstract)
     shardings = parallel.logical_shardings(abstract, axes, mesh)
-    on_host = table and mode is not None  # what LensPipeline(quantize=...) does
+    on_host = table and modulation.hosted(mode, offload)  # what LensPipeline(quantize=..., offload=...) does
     if on_host:
         shardings = modulation.on_host(shardings)
     params = _abstract(abstract, shardings)
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=["bf16", "int8", "fp8"])
     ap.add_argument("--tpu", default=None, help="compile for the first chip of this TPU topology (e.g. v5e:2x2)")
     ap.add_argument("--no-compile", action="store_true", help="placement bytes only")
+    ap.add_argument("--offload", default="none", choices=["none", "text_encoder"],
+                    help="the pipeline's offload mode: text_encoder keeps a bf16 DiT's modulation kernels on the host")
     args = ap.parse_args(argv)
 
     from lens_jax.models import transformer as dit
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
     for mode in args.modes:
         for table in (False, True):
             r = measure(config, devices, None if mode == "bf16" else mode, table, args.size, args.steps,
-                        args.text_tokens, compile_=not args.no_compile)
+                        args.text_tokens, compile_=not args.no_compile, offload=args.offload)
             cells = [r["mode"], r["path"], f"**{r['dit_device'] / GIB:.2f}**", f"{r['dit_total'] / GIB:.2f}"]
             if "args_device" in r:
                 cells += [f"{r['args_device'] / GIB:.2f}", f"{r['args_host'] / GIB:.2f}", f"{r['temp'] / GIB:.2f}",

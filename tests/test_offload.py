@@ -44,18 +44,23 @@ def offloaded():
 @pytest.mark.parametrize("mode", ["text_encoder", "all"])
 def test_offload_gives_the_same_results(reference, offloaded, mode):
     pipe = offloaded[mode]
-    if mode == "all":  # the whole pipeline: streamed text encoder and streamed DiT
-        np.testing.assert_array_equal(pipe(**CALL, latents=_latents()).images, reference["images"])
-    else:  # the sampler is the same program as without offload; the streamed encoder is what differs
-        features, mask = pipe.encode_prompt(CALL["prompt"])
-        np.testing.assert_array_equal(mask, reference["mask"])
-        for got, want in zip(features, reference["features"]):
-            np.testing.assert_array_equal(got, want)
+    # The whole pipeline: the streamed text encoder, and the streamed DiT ("all") or its modulation
+    # kernels read from host memory for the per-generation table ("text_encoder").
+    np.testing.assert_array_equal(pipe(**CALL, latents=_latents()).images, reference["images"])
+    features, mask = pipe.encode_prompt(CALL["prompt"])
+    np.testing.assert_array_equal(mask, reference["mask"])
+    for got, want in zip(features, reference["features"]):
+        np.testing.assert_array_equal(got, want)
     te_kinds = {x.sharding.memory_kind for x in jax.tree.leaves(pipe.text_encoder.params["layers"])}
     assert te_kinds == {"pinned_host"}
     assert pipe.text_encoder.params["embed_tokens"]["embedding"].sharding.memory_kind == "device"
-    dit_kinds = {x.sharding.memory_kind for x in jax.tree.leaves(pipe.dit_params["transformer_blocks"])}
-    assert dit_kinds == ({"pinned_host"} if mode == "all" else {"device"})
+    blocks = pipe.dit_params["transformer_blocks"]
+    kinds = {path: x.sharding.memory_kind for path, x in jax.tree_util.tree_leaves_with_path(blocks)}
+    on_host = {jax.tree_util.keystr(p) for p, kind in kinds.items() if kind == "pinned_host"}
+    if mode == "all":
+        assert on_host == {jax.tree_util.keystr(p) for p in kinds}
+    else:  # only the img_mod/txt_mod kernels: the sampler reads them once per generation
+        assert on_host == {"['img_mod']['kernel']", "['txt_mod']['kernel']"}
     assert pipe.dit_params["img_in"]["kernel"].sharding.memory_kind == "device"
 
 
@@ -107,8 +112,16 @@ def test_vae_tiling_auto_follows_free_memory(monkeypatch):
 def test_auto_sizes_a_quantised_dit_as_quantised():
     from lens_jax.pipelines import components
 
-    dense, te, _ = components.estimate_bytes(TINY, np.float32)
+    dense, te, _, modulation = components.estimate_bytes(TINY, np.float32)
+    assert 0 < modulation < dense  # what offload="text_encoder" takes off the device
     for mode in ("int8", "fp8"):
-        quantised, te_q, _ = components.estimate_bytes(TINY, np.float32, quantize=mode)
-        assert te_q == te
+        quantised, te_q, _, modulation_q = components.estimate_bytes(TINY, np.float32, quantize=mode)
+        assert te_q == te and modulation_q == 0  # already in host memory
         assert quantised < 0.75 * dense, (mode, quantised, dense)
+
+
+def test_auto_counts_the_modulation_that_text_encoder_mode_moves_to_host(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(offload, "free_device_bytes", lambda: 9 * gib)  # DiT 8 + 2 does not fit; 8 - 3 + 2 does
+    assert offload.choose("auto", 8 * gib, 12 * gib, 2 * gib) == "all"
+    assert offload.choose("auto", 8 * gib, 12 * gib, 2 * gib, modulation_bytes=3 * gib) == "text_encoder"

@@ -99,8 +99,10 @@ def decode_fits(pixels: int, batch: int) -> bool:
     return free is None or pixels * batch * DECODE_BYTES_PER_PIXEL <= free
 
 
-def choose(mode: str, dit_bytes: int, text_encoder_bytes: int, activation_bytes: int) -> str:
-    """Resolve "auto" from the device's free memory; other modes pass through."""
+def choose(mode: str, dit_bytes: int, text_encoder_bytes: int, activation_bytes: int,
+           modulation_bytes: int = 0) -> str:
+    """Resolve "auto" from the device's free memory; other modes pass through. `modulation_bytes`: the
+    part of `dit_bytes` that "text_encoder" mode keeps in host memory (the DiT's modulation kernels)."""
     if check_mode(mode) != "auto":
         return mode
     free = free_device_bytes()
@@ -108,7 +110,7 @@ def choose(mode: str, dit_bytes: int, text_encoder_bytes: int, activation_bytes:
         chosen, why = "none", "the device reports no memory limit"
     elif dit_bytes + text_encoder_bytes + activation_bytes <= free:
         chosen, why = "none", "everything fits"
-    elif dit_bytes + activation_bytes <= free:
+    elif dit_bytes - modulation_bytes + activation_bytes <= free:
         chosen, why = "text_encoder", "the DiT fits but not the text encoder beside it"
     else:
         chosen, why = "all", "the DiT does not fit whole"

@@ -139,9 +139,10 @@ def tree_bytes(tree) -> int:
 
 
 def estimate_bytes(root: Path, dtype, keep_mxfp4: bool | None = None,
-                   quantize: str | None = None) -> tuple[int, int, int]:
-    """(DiT, text encoder, activations) bytes on the device for a checkpoint root, from its configs alone
-    (the DiT as `quant.quantize_params` holds it when `quantize` is a mode)."""
+                   quantize: str | None = None) -> tuple[int, int, int, int]:
+    """(DiT, text encoder, activations, DiT modulation) bytes on the device for a checkpoint root, from its
+    configs alone (the DiT as `quant.quantize_params` holds it when `quantize` is a mode; the last is what
+    `offload="text_encoder"` takes off the device, `dit_device_bytes`)."""
     dit_config = dit.TransformerConfig.from_json(Path(root) / "transformer" / "config.json")
     te_config = te_lib.TextEncoderConfig.from_json(Path(root) / "text_encoder" / "config.json")
     needed = max(dit_config.selected_layer_index) + 1
@@ -149,12 +150,20 @@ def estimate_bytes(root: Path, dtype, keep_mxfp4: bool | None = None,
     dit_shapes = jax.eval_shape(lambda: dit.init_params(dit_config, jax.random.key(0), dtype))
     if quantize is not None:
         dit_shapes = jax.eval_shape(functools.partial(quant.quantize_params, mode=quantize), dit_shapes)
-    dit_bytes = tree_bytes(dit_shapes)
-    if quantize is not None:  # its bf16 img_mod/txt_mod kernels stay in pinned host memory (sampling.modulation)
-        dit_bytes -= tree_bytes([dit_shapes["transformer_blocks"][k]["kernel"] for k in dit.MODULATION_KEYS])
     te_bytes = tree_bytes(jax.eval_shape(lambda: te_lib.init_params(te_config.truncated(needed), jax.random.key(0), dtype,
                                                               packed=packed)))
-    return dit_bytes, te_bytes, 4 * 2**30  # activations: a generous bound for 1440^2 with CFG in bf16
+    dit_bytes, modulation_bytes = dit_device_bytes(dit_shapes, quantize)
+    return dit_bytes, te_bytes, 4 * 2**30, modulation_bytes  # activations: a generous bound for 1440^2, CFG, bf16
+
+
+def dit_device_bytes(dit_params, quantize: str | None) -> tuple[int, int]:
+    """(bytes the DiT holds on the device without offload, bytes of them that `offload="text_encoder"`
+    moves to host memory): its img_mod/txt_mod kernels, which a quantised DiT keeps there anyway
+    (`lens_jax.sampling.modulation.hosted`)."""
+    modulation = tree_bytes([dit_params["transformer_blocks"][k]["kernel"] for k in dit.MODULATION_KEYS])
+    if quantize is not None:
+        return tree_bytes(dit_params) - modulation, 0
+    return tree_bytes(dit_params), modulation
 
 
 def tiny_random_components(seed: int, dtype) -> Components:

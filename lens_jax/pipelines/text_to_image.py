@@ -132,8 +132,11 @@ class LensPipeline:
         if quantize is not None:
             transformer = components_lib.Component(transformer.config, quant.quantize_params(transformer.params, quantize))
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
-        self.offload = offload_lib.choose(offload, components_lib.tree_bytes(transformer.params), 0, 0) if offload == "auto" \
-            else offload_lib.check_mode(offload)
+        if offload == "auto":
+            dit_bytes, modulation_bytes = components_lib.dit_device_bytes(transformer.params, self.quantize)
+            self.offload = offload_lib.choose(offload, dit_bytes, 0, 0, modulation_bytes)
+        else:
+            self.offload = offload_lib.check_mode(offload)
         self.rules = rules or parallel.DEFAULT_RULES
         self.dtype = resolve_dtype(dtype)
         self.dit_config = transformer.config
@@ -146,7 +149,7 @@ class LensPipeline:
         )
         if offload_lib.streams(self.offload, "transformer"):
             dit_shardings = offload_lib.on_host(dit_shardings, dit_spec.stacked_key)
-        elif self.quantize is not None:  # bf16 img_mod/txt_mod only feed the per-generation modulation table
+        elif modulation_lib.hosted(self.quantize, self.offload):  # img_mod/txt_mod only feed the per-generation table
             dit_shardings = modulation_lib.on_host(dit_shardings, dit_spec.stacked_key)
         self._dit_shardings = sampler_lib.ShardingTree(dit_shardings)
         self._vae_shardings = sampler_lib.ShardingTree(parallel.replicated_shardings(vae.params, self.mesh))
@@ -444,7 +447,7 @@ class LensPipeline:
             parallel.HostStream() if offload_lib.streams(self.offload, "transformer") else None,
             self._tiling(H * W, batch),
             inpaint=known is not None,
-            modulation_stream=modulation_lib.stream_for(self.quantize is not None),
+            modulation_stream=modulation_lib.stream_for(modulation_lib.hosted(self.quantize, self.offload)),
         )
         key = (spec, batch, mask.shape[0])
         programs = self._programs.get(key)
