@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
                    help="quantise the DiT: int8 weight-only or fp8 (e4m3 weights and activations; H100)")
     p.add_argument("--out", default="outputs", help="output folder (created if needed)")
     p.add_argument("--offload", default="none", choices=["none", "text_encoder", "all", "auto"],
-                   help="stream layers from host memory: the text encoder's, or the DiT's too (small GPUs)")
+                   help="stream layers from host memory (small GPUs): the text encoder's (and the DiT's modulation "
+                        "kernels, read once per image), or the DiT's blocks too")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:MULT]",
                    help="a LoRA (diffusers/PEFT, kohya or ComfyUI safetensors) merged at multiplier MULT "
                         "(default 1.0); repeat to stack several")
