@@ -22,6 +22,7 @@ Prints one line per (quantize, variant) and, with `--json PATH`, writes the rows
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -39,21 +40,12 @@ from lens_jax.parallel import offload as offload_lib
 from lens_jax.pipelines import prompt as prompt_lib
 from lens_jax.pipelines.components import Component, tree_bytes
 from lens_jax.pipelines.text_to_image import load_preset
+from _random_init import init_sharded
 
 
 def cosine(a, b) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def init_sharded(fn, cfg, seed: int, dtype, mesh, axes, stacked: str | None = None):
-    """fn(cfg, key, dtype) compiled straight into its shardings (stacked layers in host memory if given)."""
-    abstract = jax.eval_shape(lambda k: fn(cfg, k, dtype), jax.random.key(seed))
-    out = parallel.logical_shardings(abstract, axes, mesh) if axes is not None else \
-        parallel.replicated_shardings(abstract, mesh)
-    if stacked is not None:
-        out = offload_lib.on_host(out, stacked)
-    return jax.jit(fn, static_argnums=(0, 2), out_shardings=out)(cfg, jax.random.key(seed), dtype)
 
 
 def text_encoder_factory(name: str, dit_config, dtype, mesh, offload: str):
@@ -70,7 +62,7 @@ def text_encoder_factory(name: str, dit_config, dtype, mesh, offload: str):
         abstract = jax.eval_shape(lambda k: init(config, k, dtype), jax.random.key(2))
         axes = te_lib.param_axes(config, params=abstract)
         stacked = "layers" if offload_lib.streams(offload, "text_encoder") else None
-        params = init_sharded(init, config, 2, dtype, mesh, axes, stacked)
+        params = init_sharded(init, config, 2, dtype, mesh, axes, stacked, one_layer=lambda c: c.truncated(1))
         return te_lib.TextEncoder(full, params, selected)
 
     return factory
@@ -117,7 +109,8 @@ def main() -> None:
     tokenizer = prompt_lib.load_tokenizer(configs.path("tiny") / "tokenizer")
     txt_offset = prompt_lib.read_txt_offset(configs.path(name))
     stream_dit = "transformer_blocks" if offload_lib.streams(args.offload, "transformer") else None
-    dit_params = init_sharded(dit.init_params, dcfg, 0, dtype, mesh, dit.param_axes(dcfg), stream_dit)
+    dit_params = init_sharded(dit.init_params, dcfg, 0, dtype, mesh, dit.param_axes(dcfg), stream_dit,
+                              one_layer=lambda c: dataclasses.replace(c, num_layers=1))
     vae_params = init_sharded(vae_lib.init_params, vcfg, 1, dtype, mesh, None)
     factory = text_encoder_factory(name, dcfg, dtype, mesh, args.offload)
     prompt = sized_prompt(tokenizer, txt_offset, args.text_tokens)
