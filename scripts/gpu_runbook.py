@@ -29,8 +29,12 @@ Groups (`--list` prints every step with its command, time cap and the issue row 
 
 Each group starts with a preflight (devices, versions, the carried wheels installed into /tmp/gpu_site,
 the project installed with --no-deps, imports of every runtime dependency, real-size shape checks);
-each step runs in its own process with a time cap, inside the group's budget (default 540 s, so the
-command ends inside the run tool's 600 s); a failed or timed-out step is recorded and the next one runs.
+each step runs in its own process with a time cap, inside the group's budget (default 480 s, so the
+command ends inside the run tool's 600 s and three groups plus a machine start fit the session's 30
+minutes of device time); a failed or timed-out step is recorded and the next one runs. Group 3 has more
+cells than its budget reaches (ordered by importance): before its call read `status`'s budget_left_s and
+give `--budget` (budget_left_s - 120, at most 560); cells left over can run in a later call with
+`--steps name,name`.
 Written under --out: `group<N>.log` (every step's output) and `summary_group<N>.json` (rewritten after
 every step: status, seconds, command, the output's tail, the JSON rows of steps that write them), two
 files a group, well inside the tool's 8 files.
@@ -58,7 +62,7 @@ REF_DIR = ".gpu_ref"
 REFERENCE_DIT = f"{REF_DIR}/lens_transformer_ref.py"
 CARRY = (WHEELS, REF_DIR)
 SITE = "/tmp/gpu_site"
-GROUP_BUDGET_S = 540
+GROUP_BUDGET_S = 480
 TAIL_LINES = 25
 TRITON_OFF = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}
 
