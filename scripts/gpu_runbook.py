@@ -19,7 +19,7 @@ During the lease, one `run` tool call per group, most important first (each call
 Groups (`--list` prints every step with its command, time cap and the issue row it fills):
   1. issue 11, the headline rows: DiT step MFU at 1024² / 1440² (bf16), Lens / Turbo 1024² end to end
      (text encoding + sampling + decode), text encoder one prompt / CFG pair, the DiT step with cuBLAS
-     instead of Triton GEMMs.
+     instead of Triton GEMMs, a profiler breakdown of the DiT step per kernel.
   2. issue 11, quantised and side by side: FP8 and int8 DiT end to end with the cosine of the final
      latents vs bf16, the MXFP4 decode fusion check (optimised HLO), the MoE dispatch per token count,
      lens-jax vs PyTorch on the same GPU (upstream DiT from .gpu_ref/, transformers GPT-OSS, diffusers VAE).
@@ -133,6 +133,11 @@ STEPS: tuple[Step, ...] = (
          120, "issue 11: text encoder, CFG pair (2 x 192 tokens)"),
     _dit("dit_step_1024_cublas", 1024, 120, "issue 11 item 3: DiT step with cuBLAS GEMMs (Triton GEMM off)",
          env=TRITON_OFF.items(), check=False),
+    Step("dit_profile_1024", 1, "profile_dit_step.py",
+         ("--config", "full", "--height", "1024", "--width", "1024", "--runs", "3"),
+         ("--config", "tiny", "--dtype", "f32", "--height", "64", "--width", "64", "--runs", "1"),
+         120, "issue 11 item 3: where the DiT step's time goes (profiler trace summed per kernel and kind)",
+         writes_json=True),
     # ---- group 2: quantised DiT, MXFP4 fusion, MoE dispatch, side by side with PyTorch
     Step("e2e_quantized_1024", 2, "benchmark_end_to_end.py",
          ("--size", "1024x1024", "--variants", "lens,lens-turbo", "--quantize", "none,fp8,int8", "--runs", "3"),
