@@ -40,6 +40,8 @@ every step: status, seconds, command, the output's tail, the JSON rows of steps 
 files a group, well inside the tool's 8 files.
 
 `--dry-run` (alias `--config tiny`) runs the same steps on this CPU box with tiny sizes and one run each.
+After the lease, `python scripts/gpu_runbook.py --report <files_at>` prints every group's results as
+markdown (step table, commands, the JSON rows as tables, each step's output tail) for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -346,7 +348,7 @@ def run_group(group: int, out: Path, tiny: bool, budget_s: float, reference: str
                     json_path = Path(tempfile.mkdtemp()) / f"{step.name}.json"
                     argv = [*argv, "--json", str(json_path)]
                 shown = " ".join(f"{k}={v}" for k, v in step_env(step, tiny, total).items())
-                row.update(command=(shown + " " if shown else "") + shlex.join(argv[1:]), started_s=round(
+                row.update(command=(shown + " " if shown else "") + shlex.join(["python", *argv[1:]]), started_s=round(
                     time.perf_counter() - t_start, 1))
                 log.write(f"\n===== step {step.name} (cap {min(step.cap_s, left):.0f} s): {row['command']}\n")
                 log.flush()
@@ -360,6 +362,38 @@ def run_group(group: int, out: Path, tiny: bool, budget_s: float, reference: str
             print(f"[group {group}] {step.name:<30} {row['status']:<8} {row.get('seconds', 0):7.1f} s  {step.fills}",
                   flush=True)
     return summary
+
+
+def report(folder: Path) -> str:
+    """Markdown digest of the summaries in `folder` (what came back from the lease): per group the
+    preflight versions, a table of steps, then each step's command, its JSON rows and its output tail."""
+    lines = []
+    for path in sorted(folder.glob("summary_group*.json")):
+        summary = json.loads(path.read_text())
+        lines.append(f"## group {summary['group']} ({'dry run, ' if summary.get('dry_run') else ''}"
+                     f"started {summary['started']}, {summary.get('elapsed_s', 0):.0f} s)\n")
+        versions = summary.get("preflight", {}).get("imports", {}).get("versions")
+        if versions:
+            lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
+        lines.append("| step | status | seconds | fills |\n|---|---|---|---|")
+        for step in summary["steps"]:
+            lines.append(f"| {step['name']} | {step['status']}{' (' + step['why'] + ')' if 'why' in step else ''} | "
+                         f"{step.get('seconds', '')} | {step['fills']} |")
+        for step in summary["steps"]:
+            if "command" not in step:
+                continue
+            lines.append(f"\n### {step['name']}: {step['status']}\n\n    {step['command']}\n")
+            rows = step.get("rows")
+            if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+                keys = list(rows[0])
+                lines.append("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+                lines += ["| " + " | ".join(f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k))
+                                            for k in keys) + " |" for r in rows]
+            elif rows is not None:
+                lines.append("```json\n" + json.dumps(rows, indent=1)[:3000] + "\n```")
+            lines.append("```\n" + "\n".join(step.get("tail", [])) + "\n```")
+        lines.append("")
+    return "\n".join(lines) if lines else f"no summary_group*.json in {folder}"
 
 
 def run_call(group: int) -> dict:
@@ -382,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-preflight", action="store_true")
     ap.add_argument("--print-commands", action="store_true", help="print the device run tool calls and exit")
     ap.add_argument("--list", action="store_true", help="print every step and exit")
+    ap.add_argument("--report", default=None, metavar="DIR",
+                    help="print a markdown digest of the summaries in DIR (what a lease returned) and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(Path(args.report)))
+        return 0
     tiny = args.dry_run or args.config == "tiny"
     if args.print_commands:
         for g in GROUPS:

@@ -150,3 +150,5 @@ def test_dry_run_of_cheapest_step(tmp_path):
     assert set(rows["mxfp4_fusion"]["rows"]["rows"]) == {"dense", "ragged", "grouped"}
     assert any("not fused" in line for line in rows["mxfp4_fusion"]["tail"])  # XLA:CPU fuses no decode
     assert (tmp_path / "group2.log").stat().st_size > 0
+    digest = rb.report(tmp_path)
+    assert "| mxfp4_fusion | ok |" in digest and "check_mxfp4_fusion.py" in digest
