@@ -16,7 +16,10 @@ layers in host memory under `--offload text_encoder|all`. The tokenizer is the p
 the template prefix. The text encoder stays loaded between images (`keep_text_encoder=True`), so the
 time per image is encode + sample + decode with every model resident, as in a server.
 
-Prints one line per (quantize, variant) and, with `--json PATH`, writes the rows.
+Prints one line per (quantize, variant) and, with `--json PATH`, writes the rows. "peak" is the
+process's running maximum of device memory (the runtime's `peak_bytes_in_use`): the unquantised DiT
+stays alive as the source of each quantised copy, so for int8 / fp8 read "DiT on device" (the
+quantised DiT's device-resident bytes; its bf16 modulation kernels wait in pinned host memory).
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ from _random_init import init_sharded
 def cosine(a, b) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def device_bytes(tree) -> int:
+    """Bytes of the leaves held in device memory (not pinned host memory)."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(tree)
+               if getattr(leaf.sharding, "memory_kind", None) != offload_lib.HOST)
 
 
 def text_encoder_factory(name: str, dit_config, dtype, mesh, offload: str):
@@ -150,12 +159,14 @@ def main() -> None:
                        text_tokens=int(first.text_mask[0].sum()), first_call_s=first_s,
                        per_image_s=statistics.median(times) if times else None, encode_s=statistics.median(enc),
                        peak_gib=stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+                       dit_device_gib=device_bytes(pipe.dit_params) / 2**30,
                        cosine_vs_first=cos, finite=bool(np.isfinite(latents).all()))
             rows.append(row)
             print(f"quantize={row['quantize']:<5} {variant:<11} steps {row['steps']:>2} cfg {row['cfg']:.1f} "
                   f"text {row['text_tokens']} tok: first call {first_s:6.2f} s, median "
                   + (f"{row['per_image_s']:6.3f}" if times else "  -   ")
                   + f" s per image (encode {row['encode_s'] * 1e3:.1f} ms)"
+                  + f", DiT on device {row['dit_device_gib']:.2f} GiB"
                   + (f", peak {row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else "")
                   + (f", cosine vs {args.quantize.split(',')[0]} {cos:.6f}" if cos is not None else "")
                   + ("" if row["finite"] else ", NON-FINITE latents"), flush=True)

@@ -130,7 +130,7 @@ def bench_dit(args) -> dict:
 
     fwd = jax.jit(dit.apply, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl"))
     jargs = (params, config, jnp.asarray(x), [jnp.asarray(f) for f in feats], jnp.asarray(mask), jnp.asarray(sigma),
-             (h, w), jax_dtype(args), None)
+             (h, w), jax_dtype(args), dit.default_attention_impl(jax_dtype(args)))  # cuDNN for bf16 on GPU
     t0 = time.perf_counter()
     ours = np.asarray(fwd(*jargs), np.float32)
     compile_s = time.perf_counter() - t0
