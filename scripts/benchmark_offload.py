@@ -11,6 +11,7 @@ and times them; device memory figures need a GPU (`memory_stats()`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -24,6 +25,7 @@ from lens_jax import vae as vae_lib
 from lens_jax.parallel import offload as offload_lib
 from lens_jax.pipelines.components import Component
 from lens_jax.pipelines.text_to_image import load_preset
+from _random_init import init_sharded
 
 
 def main() -> None:
@@ -47,12 +49,10 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}  config: {name}  dtype: {dtype.name}  size: {height}x{width}")
     for mode in args.modes.split(","):
         def init(fn, cfg, seed, axes_fn, stacked=None):
-            abstract = jax.eval_shape(lambda k: fn(cfg, k, dtype), jax.random.key(seed))
-            out = (parallel.logical_shardings(abstract, axes_fn(cfg), mesh) if axes_fn
-                   else parallel.replicated_shardings(abstract, mesh))
-            if stacked and offload_lib.streams(mode, "transformer"):
-                out = offload_lib.on_host(out, stacked)
-            return jax.jit(fn, static_argnums=(0, 2), out_shardings=out)(cfg, jax.random.key(seed), dtype)
+            # streamed blocks: built layer by layer into host memory (a one-shot init would not fit a capped device)
+            stacked = stacked if stacked and offload_lib.streams(mode, "transformer") else None
+            return init_sharded(fn, cfg, seed, dtype, mesh, axes_fn(cfg) if axes_fn else None, stacked,
+                                one_layer=lambda c: dataclasses.replace(c, num_layers=1))
 
         pipe = LensPipeline(Component(dcfg, init(dit.init_params, dcfg, 0, dit.param_axes, "transformer_blocks")),
                             Component(vcfg, init(vae_lib.init_params, vcfg, 1, None)),

@@ -12,7 +12,8 @@
 
 Prints the median time of each, the ratio torch / jax (> 1: lens-jax is faster) and the largest
 difference between the two outputs. Defaults follow issue 11's CPU setup (f32, 2 threads).
-Skip parts with --skip dit,text_encoder,vae.
+Skip parts with --skip dit,text_encoder,vae. On a GPU: `--torch-device cuda --dtype bf16` (PyTorch on
+the same GPU, both sides in bfloat16; the torch times include a `torch.cuda.synchronize()`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,24 @@ import numpy as np
 from _timing import best_of
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def torch_side(args):
+    """(device, dtype, sync) for the PyTorch side: sync() waits for queued CUDA work (no-op on CPU)."""
+    import torch
+
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.torch_device == "cuda":
+        return torch.device("cuda"), dtype, torch.cuda.synchronize
+    return torch.device("cpu"), dtype, lambda: None
+
+
+def jax_dtype(args):
+    return jnp.float32 if args.dtype == "f32" else jnp.bfloat16
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
 
 
 def timed_pair(jax_fn, torch_fn, runs: int) -> tuple[float, float]:
@@ -94,11 +113,13 @@ def bench_dit(args) -> dict:
     cfg["num_layers"] = args.dit_blocks
     model = ref_cls(**{k: v for k, v in cfg.items() if k != "inner_dim"}).eval()
     randomise(model, 0)
+    device, tdtype, sync = torch_side(args)
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{tmp}/diffusion_pytorch_model.safetensors")
         Path(tmp, "config.json").write_text(json.dumps(cfg))
         config, params = convert_transformer(tmp, np.float32)
-    params = jax.tree.map(jnp.asarray, params)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jax_dtype(args)), params)
+    model = model.to(device, tdtype)
 
     b, (h, w), s = args.batch, args.grid, args.text_tokens
     rng = np.random.default_rng(0)
@@ -109,15 +130,16 @@ def bench_dit(args) -> dict:
 
     fwd = jax.jit(dit.apply, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl"))
     jargs = (params, config, jnp.asarray(x), [jnp.asarray(f) for f in feats], jnp.asarray(mask), jnp.asarray(sigma),
-             (h, w), jnp.float32, None)
+             (h, w), jax_dtype(args), dit.default_attention_impl(jax_dtype(args)))  # cuDNN for bf16 on GPU
     t0 = time.perf_counter()
-    ours = np.asarray(fwd(*jargs))
+    ours = np.asarray(fwd(*jargs), np.float32)
     compile_s = time.perf_counter() - t0
-    t_args = (torch.from_numpy(x), [torch.from_numpy(f) for f in feats], torch.from_numpy(mask), torch.from_numpy(sigma))
+    t_args = (torch.from_numpy(x).to(device, tdtype), [torch.from_numpy(f).to(device, tdtype) for f in feats],
+              torch.from_numpy(mask).to(device), torch.from_numpy(sigma).to(device, tdtype))
     with torch.no_grad():
-        ref = model(*t_args, img_shapes=[(1, h, w)]).numpy()
+        ref = to_numpy(model(*t_args, img_shapes=[(1, h, w)]))
     jax_s, torch_s = timed_pair(lambda: fwd(*jargs).block_until_ready(),
-                                lambda: model(*t_args, img_shapes=[(1, h, w)]), args.runs)
+                                lambda: (model(*t_args, img_shapes=[(1, h, w)]), sync()), args.runs)
     return dict(what=f"DiT, {args.dit_blocks} blocks (width {config.inner_dim}), batch {b}, {h}x{w} + {s} tokens",
                 jax_s=jax_s, torch_s=torch_s, compile_s=compile_s, max_abs=float(np.abs(ours - ref).max()),
                 cosine=cosine(ours, ref), torch_name="upstream LensTransformer2DModel")
@@ -144,17 +166,19 @@ def bench_text_encoder(args) -> dict:
     mask[1:, s * 3 // 4:] = 0
     with tempfile.TemporaryDirectory() as tmp:
         model = bte.build_torch_twin(cfg, Path(tmp))
-        te = load(tmp, selected, jnp.float32, keep_mxfp4=not args.te_dequantized)
+        te = load(tmp, selected, jax_dtype(args), keep_mxfp4=not args.te_dequantized)
+    device, tdtype, sync = torch_side(args)
+    model = model.to(device, tdtype)
     config = te.config
     fwd = jax.jit(T.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding"))
     ids_j, mask_j = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
     t0 = time.perf_counter()
-    ours = [np.asarray(o) for o in fwd(te.params, config, ids_j, mask_j, selected, args.moe)]
+    ours = [np.asarray(o, np.float32) for o in fwd(te.params, config, ids_j, mask_j, selected, args.moe)]
     compile_s = time.perf_counter() - t0
-    t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    t_ids, t_mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
     got = {}
     hooks = [model.model.layers[i].register_forward_hook(
-        lambda m, inp, out, i=i: got.__setitem__(i, (out[0] if isinstance(out, tuple) else out).numpy()))
+        lambda m, inp, out, i=i: got.__setitem__(i, to_numpy(out[0] if isinstance(out, tuple) else out)))
         for i in selected]
     with torch.no_grad():
         model.model(input_ids=t_ids, attention_mask=t_mask)
@@ -162,8 +186,8 @@ def bench_text_encoder(args) -> dict:
         hook.remove()
     ref = [got[i] for i in selected]
     jax_s, torch_s = timed_pair(lambda: jax.block_until_ready(fwd(te.params, config, ids_j, mask_j, selected, args.moe)),
-                                lambda: model.model(input_ids=t_ids, attention_mask=t_mask), args.runs)
-    if args.te_profile:
+                                lambda: (model.model(input_ids=t_ids, attention_mask=t_mask), sync()), args.runs)
+    if args.te_profile and device.type == "cpu":  # its torch hooks time host-side spans
         profile_text_encoder(te, config, model, ours, ids, mask, args.runs)
     valid = mask.astype(bool)
     diff = max(float(np.abs(o[valid] - r[valid]).max()) for o, r in zip(ours, ref))
@@ -250,19 +274,22 @@ def bench_vae(args) -> dict:
     model = AutoencoderKLFlux2(**{k: v for k, v in kw.items() if k in accepted}).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        vae = load(tmp, dtype=jnp.float32)
+        vae = load(tmp, dtype=jax_dtype(args))
+    device, tdtype, sync = torch_side(args)
+    model = model.to(device, tdtype)
     h, w = args.grid
     lh, lw = 2 * h, 2 * w  # a patch of 2x2 latents per token
     z = torch.randn(1, vae.config.latent_channels, lh, lw)
     fn = jax.jit(V.decode, static_argnames=("config",))
-    zj = jnp.transpose(jnp.asarray(z.numpy()), (0, 2, 3, 1))
+    zj = jnp.transpose(jnp.asarray(z.numpy(), jax_dtype(args)), (0, 2, 3, 1))
+    z = z.to(device, tdtype)
     t0 = time.perf_counter()
-    ours = np.asarray(fn(vae.params, vae.config, zj))
+    ours = np.asarray(fn(vae.params, vae.config, zj), np.float32)
     compile_s = time.perf_counter() - t0
     with torch.no_grad():
-        ref = model.decode(z).sample.numpy()
-    jax_s, torch_s = timed_pair(lambda: fn(vae.params, vae.config, zj).block_until_ready(), lambda: model.decode(z),
-                                args.runs)
+        ref = to_numpy(model.decode(z).sample)
+    jax_s, torch_s = timed_pair(lambda: fn(vae.params, vae.config, zj).block_until_ready(),
+                                lambda: (model.decode(z), sync()), args.runs)
     ours = np.transpose(ours, (0, 3, 1, 2))
     return dict(what=f"FLUX.2 VAE decode, batch 1, {lh}x{lw} latents -> {16 * h}x{16 * w}", jax_s=jax_s,
                 torch_s=torch_s, compile_s=compile_s, max_abs=float(np.abs(ours - ref).max()), cosine=cosine(ours, ref),
@@ -289,6 +316,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (set XLA's with the environment)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,text_encoder,vae")
+    ap.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu",
+                    help="where PyTorch runs (cuda: the GPU JAX uses too)")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="parameters and activations, both sides")
     args = ap.parse_args()
     args.grid = tuple(int(v) for v in args.grid.split("x"))
     skip = {p for p in args.skip.split(",") if p}
@@ -296,9 +326,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    jax.config.update("jax_default_matmul_precision", "highest")
+    if args.dtype == "f32":
+        jax.config.update("jax_default_matmul_precision", "highest")
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), f32", flush=True)
+          f"({args.torch_device}, {torch.get_num_threads()} threads), {args.dtype}", flush=True)
     parts = []
     if "dit" not in skip:
         if args.reference_dit is None:
