@@ -225,16 +225,18 @@ def add_arguments(p) -> None:
     p.add_argument("--tensor", type=int, default=1, help="bulk: mesh tensor-parallel size")
 
 
-def load_pipeline(model: str | None, variant: str, dtype: str | None, mesh=None, offload: str = "none"):
+def load_pipeline(model: str | None, variant: str, dtype: str | None, mesh=None, offload: str = "none",
+                  quantize: str | None = None):
     """(pipeline, model name): a checkpoint, or 'tiny-random' with the variant's steps/guidance."""
     from lens_jax.pipelines.text_to_image import LensPipeline, load_preset
 
     if model == "tiny-random":
-        pipe = LensPipeline.tiny_random(seed=0, dtype=dtype or "f32", mesh=mesh, offload=offload)
+        pipe = LensPipeline.tiny_random(seed=0, dtype=dtype or "f32", mesh=mesh, offload=offload, quantize=quantize)
         pipe.defaults.update({k: load_preset(variant)[k] for k in ("num_inference_steps", "guidance_scale")})
         return pipe, model
     model = model or load_preset(variant)["repo_id"]
-    return LensPipeline.from_pretrained(model, dtype=dtype, variant=variant, mesh=mesh, offload=offload), model
+    return LensPipeline.from_pretrained(model, dtype=dtype, variant=variant, mesh=mesh, offload=offload,
+                                        quantize=quantize), model
 
 
 def run_cli(args) -> int:
@@ -252,7 +254,8 @@ def run_cli(args) -> int:
     read_prompt_file(args.prompts, defaults, args.seed or 0)  # validate before loading anything
     enable_compilation_cache()
     mesh = parallel.make_mesh(args.data, args.fsdp, args.tensor)
-    pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh, getattr(args, "offload", "none"))
+    pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh, getattr(args, "offload", "none"),
+                                getattr(args, "quantize", None))
     defaults.update(pipe.defaults)
     lines = read_prompt_file(args.prompts, defaults, args.seed or 0)
     batch_size = args.batch_size or mesh.shape["data"]

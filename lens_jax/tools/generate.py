@@ -217,12 +217,35 @@ def check_args(args) -> tuple[int, int]:
     return height, width
 
 
+# flags of a single generation that `--prompts` (bulk) does not take: (attribute, flag, value when not given)
+NOT_IN_BULK = (("prompt", "--prompt", None), ("from_png", "--from-png", None), ("image", "--image", None),
+               ("mask", "--mask", None), ("strength", "--strength", None), ("reasoner", "--reasoner", False),
+               ("lora", "--lora", []), ("num_images", "--num-images", 1))
+
+
+def check_bulk_args(args) -> None:
+    """The flags of `generate --prompts FILE`, before anything is loaded (the lines: `bulk.read_prompt_file`)."""
+    unused = [flag for attr, flag, unset in NOT_IN_BULK if getattr(args, attr, unset) != unset]
+    if unused:
+        raise InputError(f"{', '.join(unused)} cannot be combined with --prompts (bulk generation: one image per "
+                         "line of the file); drop them, or run without --prompts.")
+    if args.model is None:
+        raise InputError(NO_MODEL)
+    validation.check_steps(args.steps, "--steps")
+    validation.check_guidance(args.guidance, "--guidance")
+    validation.check_seed(args.seed, 1, "--seed")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1; got {args.batch_size}.")
+    validation.check_output_dir(args.out)
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
     from lens_jax import __version__
 
     if args.prompts:
+        check_bulk_args(args)  # before anything is loaded, like check_args
         return bulk.run_cli(args)
     quiet_third_party()
     height, width = check_args(args)  # every flag checked before anything is loaded
