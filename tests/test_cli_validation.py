@@ -90,3 +90,18 @@ def test_make_job_keeps_good_values():
     job = jobs.make_job(DEFAULTS, "x", seed=7, height=64, width=32, steps=3, guidance=0)
     assert (job.steps, job.guidance, job.seed, job.height, job.width) == (3, 0.0, 7, 64, 32)
     assert jobs.make_job(DEFAULTS, "x", seed=1, height=64, width=64).bucket.steps == 2
+
+
+@pytest.mark.parametrize("extra, words", [
+    ([], "no --model given"),
+    (["--model", "tiny-random", "--port", "70000"], "--port 70000 is not a TCP port"),
+    (["--model", "tiny-random", "--port", "-1"], "--port -1 is not a TCP port"),
+    (["--model", "tiny-random", "--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--model", "tiny-random", "--queue-size", "0"], "--queue-size must be at least 1"),
+    (["--model", "tiny-random", "--max-wait-ms", "nan"], "--max-wait-ms must be a finite number"),
+    (["--model", "tiny-random", "--timeout", "-1"], "--timeout must be a finite number"),
+    (["--model", "tiny-random", "--timeout", "inf"], "--timeout must be a finite number"),
+])
+def test_serve_flags_are_checked_before_loading(extra, words, capsys, no_loading):
+    line = usage_error(["serve", *extra], capsys)
+    assert words in line, line
