@@ -105,3 +105,25 @@ def test_make_job_keeps_good_values():
 def test_serve_flags_are_checked_before_loading(extra, words, capsys, no_loading):
     line = usage_error(["serve", *extra], capsys)
     assert words in line, line
+
+
+@pytest.mark.parametrize("mult", ["nan", "inf", "-inf"])
+def test_lora_multiplier_must_be_finite_before_loading(mult, tmp_path, capsys, monkeypatch):
+    from lens_jax.tools import generate
+
+    monkeypatch.setattr(generate, "_load_pipeline", lambda args: (_ for _ in ()).throw(Loaded()))
+    f = tmp_path / "style.safetensors"
+    f.write_bytes(b"")
+    line = usage_error(["generate", "--model", "tiny-random", "--prompt", "x", "--out", str(tmp_path / "o"),
+                        "--lora", f"{f}:{mult}"], capsys)
+    assert "must be a finite number" in line, line
+    assert generate.parse_lora_arg(f"{f}:0.5") == (str(f), 0.5)
+    assert generate.parse_lora_arg("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
+
+
+def test_pipeline_load_lora_refuses_a_non_finite_multiplier_before_reading():
+    from lens_jax.pipelines.text_to_image import LensPipeline
+
+    for bad in (float("nan"), float("inf"), "0.5", None):
+        with pytest.raises(InputError, match="finite number"):
+            LensPipeline.load_lora(None, "missing.safetensors", bad)  # checked before the file or the pipe is used

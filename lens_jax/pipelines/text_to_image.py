@@ -289,6 +289,7 @@ class LensPipeline:
         from ..models import lora as lora_lib
         from ..weights import lora_formats
 
+        multiplier = validation.check_lora_multiplier(multiplier)
         if isinstance(path_or_adapter, (str, os.PathLike)):
             adapter = lora_formats.load(path_or_adapter, self.dit_config)
             name = name or str(path_or_adapter)

@@ -84,6 +84,13 @@ def check_seed(seed: Any, count: int = 1, name: str = "seed") -> int | None:
     return seed
 
 
+def check_lora_multiplier(multiplier: Any, name: str = "multiplier") -> float:
+    """A finite real number (a NaN or infinite multiplier turns every adapted kernel into NaN)."""
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not math.isfinite(multiplier):
+        raise InputError(f"LoRA {name} must be a finite number (1.0 = the adapter as trained); got {multiplier!r}.")
+    return float(multiplier)
+
+
 def check_prompts(prompt: Any, name: str = "prompt") -> list[str]:
     """A string or a non-empty list/tuple of strings -> list of strings."""
     if isinstance(prompt, str):

@@ -92,9 +92,11 @@ def parse_lora_arg(spec: str) -> tuple[str, float]:
     path, sep, mult = spec.rpartition(":")
     if sep:
         try:
-            return path, float(mult)
+            value = float(mult)
         except ValueError:
-            pass
+            value = None  # not a number: the ':' is part of the path
+        if value is not None:
+            return path, validation.check_lora_multiplier(value, f"multiplier in --lora {spec}")
     if not spec:
         raise InputError("--lora needs a file: --lora FILE[:MULT], e.g. --lora style.safetensors:0.8.")
     return spec, 1.0
