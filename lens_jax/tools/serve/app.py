@@ -189,6 +189,8 @@ def create_app(pipe=None, config: ServeConfig | None = None, *, runner: batcher_
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
             return _error(413, f"request body over {cfg.max_body_bytes} bytes.")
+        if length is None and request.method in ("POST", "PUT", "PATCH"):  # a chunked body would pass unmeasured
+            return _error(411, f"send a Content-Length header (bodies of at most {cfg.max_body_bytes} bytes).")
         if cfg.api_key and request.url.path.startswith("/v1/"):
             auth = request.headers.get("authorization", "")
             if not hmac.compare_digest(auth.encode(), f"Bearer {cfg.api_key}".encode()):

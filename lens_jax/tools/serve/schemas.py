@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..jobs import MAX_SEED
+
 MAX_PROMPT_CHARS = 4000
-MAX_SEED = 2**31 - 1
 MAX_LORA_MULTIPLIER = 4.0  # |multiplier| of one LoRA in a request
 MAX_LORAS = 4  # LoRAs in one request
 
@@ -50,7 +51,7 @@ class GenerationRequest(BaseModel):
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=200)
-    guidance: float | None = Field(None, ge=0.0, le=50.0)
+    guidance: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False)
     variant: Literal["lens", "lens-base", "lens-turbo"] | None = None
     lora: list[LoraRef] | None = Field(None, max_length=MAX_LORAS,
                                        description="[{name, multiplier}] or ['name:mult'] from GET /v1/loras")
