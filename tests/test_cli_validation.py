@@ -127,3 +127,22 @@ def test_pipeline_load_lora_refuses_a_non_finite_multiplier_before_reading():
     for bad in (float("nan"), float("inf"), "0.5", None):
         with pytest.raises(InputError, match="finite number"):
             LensPipeline.load_lora(None, "missing.safetensors", bad)  # checked before the file or the pipe is used
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--report", "A_FILE"], "--report"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+])
+def test_parity_flags_are_checked_before_any_component_runs(extra, words, tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from lens_jax.tools.parity import cli as parity_cli
+
+    monkeypatch.setattr(parity_cli, "parity", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    extra = [str(a_file) if x == "A_FILE" else x for x in extra]
+    tiny = Path(__file__).parent / "fixtures" / "tiny_lens"
+    line = usage_error(["parity", "--model", str(tiny), "--report", str(tmp_path / "r"), *extra], capsys)
+    assert words in line, line
