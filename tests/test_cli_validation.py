@@ -146,3 +146,19 @@ def test_parity_flags_are_checked_before_any_component_runs(extra, words, tmp_pa
     tiny = Path(__file__).parent / "fixtures" / "tiny_lens"
     line = usage_error(["parity", "--model", str(tiny), "--report", str(tmp_path / "r"), *extra], capsys)
     assert words in line, line
+
+
+def test_bulk_pngs_get_the_umask_permissions_and_leave_no_part_file(tmp_path):
+    import os
+    import stat
+
+    import numpy as np
+
+    line = bulk.Line(3, jobs.make_job(DEFAULTS, "x", seed=1, height=16, width=16))
+    old = os.umask(0o022)
+    try:
+        path = bulk.write_image(tmp_path, line, np.zeros((16, 16, 3), np.float32), "tiny-random")
+    finally:
+        os.umask(old)
+    assert path.name == "000003.png" and stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000003.png", bulk.METADATA]

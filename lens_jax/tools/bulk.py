@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -136,9 +135,11 @@ def write_image(out_dir: Path, line: Line, image: np.ndarray, model: str, metada
     """Write the PNG atomically, then append its record to the metadata file (flushed to disk)."""
     rec = _record(line, model)
     path = out_dir / line.name
-    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=out_dir)
+    # a hidden name of our own (O_EXCL) with the umask's permissions, as `lens-jax generate` writes
+    # (mkstemp made every bulk PNG 0600, unreadable to the group and a web server)
+    tmp = out_dir / f".{path.name}.{os.getpid()}.part"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(jobs_lib.to_png_bytes(image, rec))
         os.replace(tmp, path)
     except BaseException:
