@@ -162,3 +162,17 @@ def test_bulk_pngs_get_the_umask_permissions_and_leave_no_part_file(tmp_path):
         os.umask(old)
     assert path.name == "000003.png" and stat.S_IMODE(path.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000003.png", bulk.METADATA]
+
+
+def test_mesh_size_that_does_not_divide_the_devices_is_named():
+    import jax
+
+    from lens_jax.parallel import make_mesh
+
+    n = jax.device_count()
+    for kwargs, name in (({"fsdp": n + 1}, f"fsdp={n + 1}"), ({"data": n + 1}, f"data={n + 1}")):
+        with pytest.raises(ValueError, match=f"mesh {name} does not divide the {n} devices") as e:
+            make_mesh(**kwargs)
+        assert "=0" not in str(e.value)  # was "mesh data=0 x fsdp=3 x tensor=1 must use all 1 devices"
+    assert make_mesh(fsdp=n).shape == {"data": 1, "fsdp": n, "tensor": 1}
+    assert make_mesh(data=n).shape == {"data": n, "fsdp": 1, "tensor": 1}
