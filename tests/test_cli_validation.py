@@ -176,3 +176,20 @@ def test_mesh_size_that_does_not_divide_the_devices_is_named():
         assert "=0" not in str(e.value)  # was "mesh data=0 x fsdp=3 x tensor=1 must use all 1 devices"
     assert make_mesh(fsdp=n).shape == {"data": 1, "fsdp": n, "tensor": 1}
     assert make_mesh(data=n).shape == {"data": n, "fsdp": 1, "tensor": 1}
+
+
+def test_no_module_keeps_a_process_wide_cache():
+    """'No module-level mutable state': no lru_cache/cache-wrapped function at module level in lens_jax
+    (an unbounded one kept a compiled program, and its mesh, per sharding ever loaded)."""
+    import functools
+    import importlib
+    import pkgutil
+
+    import lens_jax
+
+    found = []
+    for info in pkgutil.walk_packages(lens_jax.__path__, "lens_jax."):
+        module = importlib.import_module(info.name)
+        found += [f"{info.name}.{k}" for k, v in vars(module).items()
+                  if isinstance(v, functools._lru_cache_wrapper) and getattr(v, "__module__", None) == info.name]
+    assert found == [], found
