@@ -1,5 +1,5 @@
 """The service's request checks that need no batch to run: a body without Content-Length (chunked)
-cannot slip past the size limit, and a NaN/infinite guidance is named as such."""
+cannot slip past the size limit, a NaN/infinite guidance is named as such, and seeds never wrap."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def never_run(jobs, callback):
 
 @pytest.fixture(scope="module")
 def app():
-    return create_app(None, ServeConfig(max_body_bytes=10_000), runner=never_run,
+    # a short timeout: a request that wrongly got past the checks answers 504 instead of hanging
+    return create_app(None, ServeConfig(max_body_bytes=10_000, max_batch=4, timeout_s=3), runner=never_run,
                       defaults={"num_inference_steps": 2, "guidance_scale": 4.0})
 
 
@@ -50,3 +51,10 @@ def test_non_finite_guidance_is_named(app, value):
     assert r.status_code == 422
     (err,) = r.json()["detail"]
     assert err["loc"] == ["body", "guidance"] and "finite" in err["msg"], err
+
+
+def test_seed_plus_n_past_the_range_is_named_not_wrapped(app):
+    r = post(app, json={"prompt": "a", "size": "32x32", "seed": 2**31 - 1, "n": 2})  # image 1 was given seed 0
+    assert r.status_code == 422, (r.status_code, r.text[:200])
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "seed"] and "at most 2147483646" in err["msg"], err
