@@ -193,3 +193,13 @@ def test_no_module_keeps_a_process_wide_cache():
         found += [f"{info.name}.{k}" for k, v in vars(module).items()
                   if isinstance(v, functools._lru_cache_wrapper) and getattr(v, "__module__", None) == info.name]
     assert found == [], found
+
+
+@pytest.mark.parametrize("extra", [["--data", "0"], ["--batch-size", "4"], ["--fsdp", "1", "--tensor", "2"]])
+def test_bulk_only_flags_are_refused_without_prompts_file(extra, tmp_path, capsys, monkeypatch):
+    from lens_jax.tools import generate
+
+    monkeypatch.setattr(generate, "_load_pipeline", lambda args: (_ for _ in ()).throw(Loaded()))
+    line = usage_error(["generate", "--model", "tiny-random", "--prompt", "x", "--out", str(tmp_path / "o"), *extra],
+                       capsys)
+    assert f"{extra[0]}" in line and "apply to bulk generation only" in line, line

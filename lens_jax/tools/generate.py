@@ -193,6 +193,10 @@ def check_args(args) -> tuple[int, int]:
     """Every flag of `generate`, before anything is loaded. Returns (height, width)."""
     from lens_jax.sampling.resolution import resolve_size
 
+    bulk_only = [flag for attr, flag, unset in ONLY_IN_BULK if getattr(args, attr, unset) != unset]
+    if bulk_only:
+        raise InputError(f"{', '.join(bulk_only)} apply to bulk generation only (--prompts FILE); drop them, or "
+                         "put the prompts in a file.")
     if args.from_png is not None:
         _apply_png(args, read_png_settings(args.from_png))
     if not args.prompt:
@@ -223,6 +227,9 @@ def check_args(args) -> tuple[int, int]:
 NOT_IN_BULK = (("prompt", "--prompt", None), ("from_png", "--from-png", None), ("image", "--image", None),
                ("mask", "--mask", None), ("strength", "--strength", None), ("reasoner", "--reasoner", False),
                ("lora", "--lora", []), ("num_images", "--num-images", 1))
+# and the flags only bulk generation takes
+ONLY_IN_BULK = (("batch_size", "--batch-size", None), ("data", "--data", None), ("fsdp", "--fsdp", None),
+                ("tensor", "--tensor", 1))
 
 
 def check_bulk_args(args) -> None:
