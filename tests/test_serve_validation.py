@@ -58,3 +58,16 @@ def test_seed_plus_n_past_the_range_is_named_not_wrapped(app):
     assert r.status_code == 422, (r.status_code, r.text[:200])
     (err,) = r.json()["detail"]
     assert err["loc"] == ["body", "seed"] and "at most 2147483646" in err["msg"], err
+
+
+@pytest.mark.parametrize("field, value", [("n", True), ("steps", "3"), ("seed", "5"), ("guidance", "4"),
+                                          ("stream", "yes"), ("steps", 2.0)])
+def test_numbers_and_flags_are_not_coerced(app, field, value):
+    r = post(app, json={"prompt": "a", "size": "32x32", field: value})
+    assert r.status_code == 422, (field, value, r.status_code, r.text[:200])
+    assert r.json()["detail"][0]["loc"] == ["body", field]
+
+
+def test_an_integer_guidance_is_still_a_number(app):
+    r = post(app, json={"prompt": "a", "size": "32x32", "guidance": -1})  # int for a float: validated as a number
+    assert r.status_code == 422 and "greater than or equal to 0" in r.json()["detail"][0]["msg"]
