@@ -203,3 +203,16 @@ def test_bulk_only_flags_are_refused_without_prompts_file(extra, tmp_path, capsy
     line = usage_error(["generate", "--model", "tiny-random", "--prompt", "x", "--out", str(tmp_path / "o"), *extra],
                        capsys)
     assert f"{extra[0]}" in line and "apply to bulk generation only" in line, line
+
+
+def test_sizes_accept_any_integer_type_and_name_floats():
+    import numpy as np
+
+    from lens_jax.sampling.resolution import resolve_size
+
+    assert resolve_size(np.int64(64), np.int32(32)) == (64, 32)  # numpy integers were refused ("try 64")
+    assert type(resolve_size(np.int64(64), np.int32(32))[0]) is int
+    with pytest.raises(ValueError, match=r"height=32.0 must be an integer, a positive multiple of 16; try 32"):
+        resolve_size(32.0, 32)
+    with pytest.raises(ValueError, match="must be an integer"):
+        resolve_size(True, 32)
