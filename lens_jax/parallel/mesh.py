@@ -33,10 +33,12 @@ def make_mesh(data: int | None = None, fsdp: int | None = None, tensor: int = 1,
     rest = n // tensor
     if data is None and fsdp is None:
         data, fsdp = 1, rest
-    elif data is None:
-        data = rest // fsdp if rest % fsdp == 0 else 0
-    elif fsdp is None:
-        fsdp = rest // data if rest % data == 0 else 0
+    elif data is None or fsdp is None:
+        given, size = ("fsdp", fsdp) if data is None else ("data", data)
+        if rest % size:
+            raise ValueError(f"mesh {given}={size} does not divide the {rest} devices left for data x fsdp "
+                             f"({n} devices, tensor={tensor}); pick a divisor of {rest}.")
+        data, fsdp = (rest // fsdp, fsdp) if data is None else (data, rest // data)
     if data * fsdp * tensor != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} must use all {n} devices.")
     return Mesh(devices.reshape(data, fsdp, tensor), MESH_AXES)

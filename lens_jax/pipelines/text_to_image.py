@@ -289,6 +289,7 @@ class LensPipeline:
         from ..models import lora as lora_lib
         from ..weights import lora_formats
 
+        multiplier = validation.check_lora_multiplier(multiplier)
         if isinstance(path_or_adapter, (str, os.PathLike)):
             adapter = lora_formats.load(path_or_adapter, self.dit_config)
             name = name or str(path_or_adapter)
@@ -421,6 +422,11 @@ class LensPipeline:
         use_cfg = guidance != 1.0
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1; got {num_images_per_prompt}.")
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable as callback(step, timestep, latents); got {callback!r}.")
+        if latents is not None:  # its shape follows from the arguments: check it before the text encoder runs
+            rows = len(prompt) if prompt_embeds is None else int(np.shape(prompt_embeds[0])[0])
+            self._initial_latents(latents, None, (rows * num_images_per_prompt, h * w, self.dit_config.in_channels))
 
         feats, mask = self._text_inputs(prompt, negative_prompt, prompt_embeds, prompt_mask, negative_prompt_embeds,
                                         negative_prompt_mask, use_cfg, max_sequence_length)

@@ -34,7 +34,8 @@ from ..errors import InputError
 SEED_MAX = 2**64 - 1
 
 
-def _is_int(x: Any) -> bool:
+def is_integer(x: Any) -> bool:
+    """An integer proper: not a bool, not a float with an integral value."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -42,7 +43,7 @@ def check_steps(steps: Any, name: str = "num_inference_steps") -> int | None:
     """None (use the default) or an integer >= 1."""
     if steps is None:
         return None
-    if not _is_int(steps):
+    if not is_integer(steps):
         raise InputError(f"{name} must be an integer >= 1; got {steps!r} ({type(steps).__name__}).")
     if steps < 1:
         raise InputError(f"{name} must be at least 1; got {steps}. Pass a positive number of denoising steps.")
@@ -63,7 +64,7 @@ def check_guidance(guidance: Any, name: str = "guidance_scale") -> float | None:
 
 
 def check_num_images(n: Any, name: str = "num_images_per_prompt") -> int:
-    if not _is_int(n) or n < 1:
+    if not is_integer(n) or n < 1:
         raise InputError(f"{name} must be >= 1 (an integer); got {n!r}.")
     return int(n)
 
@@ -74,13 +75,20 @@ def check_seed(seed: Any, count: int = 1, name: str = "seed") -> int | None:
         return None
     if isinstance(seed, np.ndarray) and seed.ndim == 0:
         seed = seed.item()
-    if not _is_int(seed):
+    if not is_integer(seed):
         raise InputError(f"{name} must be an integer in [0, 2**64 - 1]; got {seed!r} ({type(seed).__name__}).")
     seed = int(seed)
     if seed < 0 or seed + count - 1 > SEED_MAX:
         raise InputError(f"{name} must be an integer in [0, 2**64 - 1] (image k uses {name} + k, here up to "
                          f"{name} + {count - 1}); got {seed}.")
     return seed
+
+
+def check_lora_multiplier(multiplier: Any, name: str = "multiplier") -> float:
+    """A finite real number (a NaN or infinite multiplier turns every adapted kernel into NaN)."""
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not math.isfinite(multiplier):
+        raise InputError(f"LoRA {name} must be a finite number (1.0 = the adapter as trained); got {multiplier!r}.")
+    return float(multiplier)
 
 
 def check_prompts(prompt: Any, name: str = "prompt") -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 PIXELS_PER_TOKEN = 16  # 8x VAE downsampling times the 2x2 patch
 
 # (height, width) per aspect ratio (width:height), as the upstream pipeline defines them.
@@ -32,10 +34,12 @@ def resolve_size(
         if aspect_ratio is not None:
             raise ValueError("give either height/width or aspect_ratio, not both.")
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % PIXELS_PER_TOKEN:
+            # any integer type (numpy's too), not bool or float
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v <= 0 or v % PIXELS_PER_TOKEN:
                 nearest = max(PIXELS_PER_TOKEN, round(v / PIXELS_PER_TOKEN) * PIXELS_PER_TOKEN) if isinstance(v, (int, float)) else 1024
-                raise ValueError(f"{name}={v!r} must be a positive multiple of {PIXELS_PER_TOKEN}; try {nearest}.")
-        return height, width
+                kind = "an integer, a positive multiple" if isinstance(v, (bool, float)) else "a positive multiple"
+                raise ValueError(f"{name}={v!r} must be {kind} of {PIXELS_PER_TOKEN}; try {nearest}.")
+        return int(height), int(width)
     base = DEFAULT_BASE_RESOLUTION if base_resolution is None else base_resolution
     if base not in ASPECT_RATIOS:
         raise ValueError(f"unknown base_resolution {base!r}; choose one of {sorted(ASPECT_RATIOS)}.")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -136,9 +135,11 @@ def write_image(out_dir: Path, line: Line, image: np.ndarray, model: str, metada
     """Write the PNG atomically, then append its record to the metadata file (flushed to disk)."""
     rec = _record(line, model)
     path = out_dir / line.name
-    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=out_dir)
+    # a hidden name of our own (O_EXCL) with the umask's permissions, as `lens-jax generate` writes
+    # (mkstemp made every bulk PNG 0600, unreadable to the group and a web server)
+    tmp = out_dir / f".{path.name}.{os.getpid()}.part"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(jobs_lib.to_png_bytes(image, rec))
         os.replace(tmp, path)
     except BaseException:
@@ -225,16 +226,18 @@ def add_arguments(p) -> None:
     p.add_argument("--tensor", type=int, default=1, help="bulk: mesh tensor-parallel size")
 
 
-def load_pipeline(model: str | None, variant: str, dtype: str | None, mesh=None, offload: str = "none"):
+def load_pipeline(model: str | None, variant: str, dtype: str | None, mesh=None, offload: str = "none",
+                  quantize: str | None = None):
     """(pipeline, model name): a checkpoint, or 'tiny-random' with the variant's steps/guidance."""
     from lens_jax.pipelines.text_to_image import LensPipeline, load_preset
 
     if model == "tiny-random":
-        pipe = LensPipeline.tiny_random(seed=0, dtype=dtype or "f32", mesh=mesh, offload=offload)
+        pipe = LensPipeline.tiny_random(seed=0, dtype=dtype or "f32", mesh=mesh, offload=offload, quantize=quantize)
         pipe.defaults.update({k: load_preset(variant)[k] for k in ("num_inference_steps", "guidance_scale")})
         return pipe, model
     model = model or load_preset(variant)["repo_id"]
-    return LensPipeline.from_pretrained(model, dtype=dtype, variant=variant, mesh=mesh, offload=offload), model
+    return LensPipeline.from_pretrained(model, dtype=dtype, variant=variant, mesh=mesh, offload=offload,
+                                        quantize=quantize), model
 
 
 def run_cli(args) -> int:
@@ -252,7 +255,8 @@ def run_cli(args) -> int:
     read_prompt_file(args.prompts, defaults, args.seed or 0)  # validate before loading anything
     enable_compilation_cache()
     mesh = parallel.make_mesh(args.data, args.fsdp, args.tensor)
-    pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh, getattr(args, "offload", "none"))
+    pipe, model = load_pipeline(args.model, args.variant, args.dtype, mesh, getattr(args, "offload", "none"),
+                                getattr(args, "quantize", None))
     defaults.update(pipe.defaults)
     lines = read_prompt_file(args.prompts, defaults, args.seed or 0)
     batch_size = args.batch_size or mesh.shape["data"]

@@ -92,9 +92,11 @@ def parse_lora_arg(spec: str) -> tuple[str, float]:
     path, sep, mult = spec.rpartition(":")
     if sep:
         try:
-            return path, float(mult)
+            value = float(mult)
         except ValueError:
-            pass
+            value = None  # not a number: the ':' is part of the path
+        if value is not None:
+            return path, validation.check_lora_multiplier(value, f"multiplier in --lora {spec}")
     if not spec:
         raise InputError("--lora needs a file: --lora FILE[:MULT], e.g. --lora style.safetensors:0.8.")
     return spec, 1.0
@@ -191,6 +193,10 @@ def check_args(args) -> tuple[int, int]:
     """Every flag of `generate`, before anything is loaded. Returns (height, width)."""
     from lens_jax.sampling.resolution import resolve_size
 
+    bulk_only = [flag for attr, flag, unset in ONLY_IN_BULK if getattr(args, attr, unset) != unset]
+    if bulk_only:
+        raise InputError(f"{', '.join(bulk_only)} apply to bulk generation only (--prompts FILE); drop them, or "
+                         "put the prompts in a file.")
     if args.from_png is not None:
         _apply_png(args, read_png_settings(args.from_png))
     if not args.prompt:
@@ -217,12 +223,38 @@ def check_args(args) -> tuple[int, int]:
     return height, width
 
 
+# flags of a single generation that `--prompts` (bulk) does not take: (attribute, flag, value when not given)
+NOT_IN_BULK = (("prompt", "--prompt", None), ("from_png", "--from-png", None), ("image", "--image", None),
+               ("mask", "--mask", None), ("strength", "--strength", None), ("reasoner", "--reasoner", False),
+               ("lora", "--lora", []), ("num_images", "--num-images", 1))
+# and the flags only bulk generation takes
+ONLY_IN_BULK = (("batch_size", "--batch-size", None), ("data", "--data", None), ("fsdp", "--fsdp", None),
+                ("tensor", "--tensor", 1))
+
+
+def check_bulk_args(args) -> None:
+    """The flags of `generate --prompts FILE`, before anything is loaded (the lines: `bulk.read_prompt_file`)."""
+    unused = [flag for attr, flag, unset in NOT_IN_BULK if getattr(args, attr, unset) != unset]
+    if unused:
+        raise InputError(f"{', '.join(unused)} cannot be combined with --prompts (bulk generation: one image per "
+                         "line of the file); drop them, or run without --prompts.")
+    if args.model is None:
+        raise InputError(NO_MODEL)
+    validation.check_steps(args.steps, "--steps")
+    validation.check_guidance(args.guidance, "--guidance")
+    validation.check_seed(args.seed, 1, "--seed")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1; got {args.batch_size}.")
+    validation.check_output_dir(args.out)
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
     from lens_jax import __version__
 
     if args.prompts:
+        check_bulk_args(args)  # before anything is loaded, like check_args
         return bulk.run_cli(args)
     quiet_third_party()
     height, width = check_args(args)  # every flag checked before anything is loaded

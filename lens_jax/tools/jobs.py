@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..pipelines import validation
 from ..sampling.resolution import PIXELS_PER_TOKEN, resolve_size
 
 MAX_SEED = 2**31 - 1
@@ -80,10 +81,13 @@ def make_job(pipe_defaults: dict, prompt: str, *, seed: int | None = None, negat
         H, W = resolve_size(height, width, base_resolution, aspect_ratio)
     except ValueError as e:
         raise InputError(str(e)) from None
+    # the same checks as the pipeline's: 2.7 steps, "abc", NaN or negative guidance never reach the sampler
+    steps = validation.check_steps(steps, "steps")
     steps = int(pipe_defaults["num_inference_steps"] if steps is None else steps)
-    if steps < 1:
-        raise InputError(f"steps={steps} must be at least 1.")
+    guidance = validation.check_guidance(guidance, "guidance")
     guidance = float(pipe_defaults["guidance_scale"] if guidance is None else guidance)
+    if seed is not None and not validation.is_integer(seed):
+        raise InputError(f"seed must be an integer in [0, {MAX_SEED}]; got {seed!r} ({type(seed).__name__}).")
     seed = random.randrange(MAX_SEED) if seed is None else int(seed)
     if not 0 <= seed <= MAX_SEED:
         raise InputError(f"seed={seed} must be in [0, {MAX_SEED}].")

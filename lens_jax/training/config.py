@@ -20,7 +20,8 @@ from typing import Any
 from ..errors import InputError
 
 __all__ = ["ModelConfig", "DataConfig", "OptimConfig", "LoraConfig", "TimestepConfig", "TrainSection",
-           "ParallelConfig", "SampleConfig", "TrainConfig", "load_config", "config_from_dict", "apply_overrides"]
+           "ParallelConfig", "SampleConfig", "TrainConfig", "load_config", "config_from_dict", "apply_overrides",
+           "check_values"]
 
 
 @dataclass(frozen=True)
@@ -201,9 +202,71 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+# The values each key accepts beyond its type, checked before any data is cached or weights loaded
+# (a 0 log_every divided by zero after compiling, a NaN learning rate trained NaN weights, steps=-1
+# "trained" nothing). (low, high, open at low): finite numbers in the range; None means unbounded.
+# Keys whose value is None (an unset optional) are not checked.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "train.steps": (1, None, False),
+    "train.log_every": (1, None, False),
+    "train.checkpoint_every": (0, None, False),  # 0: only at the end
+    "train.keep_checkpoints": (1, None, False),
+    "data.base_resolution": (16, None, False),
+    "data.batch_size": (1, None, False),
+    "data.text_bucket": (1, None, False),
+    "data.shard_size": (1, None, False),
+    "data.num_workers": (0, None, False),
+    "optim.learning_rate": (0, None, True),
+    "optim.warmup_steps": (0, None, False),
+    "optim.end_learning_rate_factor": (0, None, False),
+    "optim.b1": (0, 1, False),
+    "optim.b2": (0, 1, False),
+    "optim.eps": (0, None, True),
+    "optim.weight_decay": (0, None, False),
+    "optim.clip_norm": (0, None, True),
+    "optim.grad_accum_steps": (1, None, False),
+    "optim.ema_decay": (0, 1, False),
+    "lora.rank": (1, None, False),
+    "lora.alpha": (0, None, True),
+    "lora.multiplier": (None, None, False),
+    "timesteps.std": (0, None, True),
+    "timesteps.shift_steps": (1, None, False),
+    "sample.every": (0, None, False),  # 0: never
+    "sample.num_inference_steps": (1, None, False),
+    "sample.guidance_scale": (0, None, False),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.compute_dtype": ("bfloat16", "float32", "float16"),  # jnp.dtype names: the trainer casts with them
+}
+
+
+def check_values(cfg: TrainConfig) -> TrainConfig:
+    """Raise InputError naming the first key whose value is outside RANGES / CHOICES."""
+    import math
+
+    def value(key: str):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key, (low, high, open_low) in RANGES.items():
+        v = value(key)
+        if v is None:
+            continue
+        ok = math.isfinite(v) and (low is None or (v > low if open_low else v >= low)) and (high is None or v <= high)
+        if not ok:
+            bound = " and ".join(b for b in ((f"{'>' if open_low else '>='} {low}" if low is not None else ""),
+                                             (f"<= {high}" if high is not None else "")) if b)
+            kind = "an integer" if isinstance(v, int) else "a finite number"
+            raise InputError(f"config {key}={v!r} must be {kind}{' ' + bound if bound else ''}.")
+    for key, options in CHOICES.items():
+        if value(key) not in options:
+            raise InputError(f"config {key}={value(key)!r} is unknown; choose one of {', '.join(options)}.")
+    return cfg
+
+
 def config_from_dict(data: dict) -> TrainConfig:
-    """A TrainConfig from nested plain data; unknown keys raise InputError naming them."""
-    return _build(TrainConfig, data, "")
+    """A TrainConfig from nested plain data; unknown keys and out-of-range values raise InputError naming them."""
+    return check_values(_build(TrainConfig, data, ""))
 
 
 def _parse_value(text: str) -> Any:

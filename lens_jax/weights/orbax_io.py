@@ -26,7 +26,6 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -175,7 +174,6 @@ def _damaged(what: str, path: Path, e: BaseException) -> ConvertedCheckpointErro
                                     f"{_REDO}")
 
 
-@functools.lru_cache(maxsize=None)
 def _stacker(sharding) -> Callable:
     return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
 
@@ -258,6 +256,7 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
             got = traverse_util.flatten_dict(_load(ocp, path, tree, what))
             for n, key, _ in rest:
                 out[n] = got[key]
+        stackers: dict = {}  # one compiled stack per sharding, for this call only (no module-level cache)
         for n, inner, leaf, sharding in stacked:
             layers = int(leaf.shape[0])
             per_layer = jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype,
@@ -266,7 +265,9 @@ def load_params(path: str | Path, abstract: Any, shardings: Any = None, *, stack
             got = traverse_util.flatten_dict(_load(ocp, path, tree, what))
             pieces = [got[(stacked_key, str(i), *inner)] for i in range(layers)]
             del got
-            out[n] = _stacker(sharding)(*pieces)
+            if sharding not in stackers:
+                stackers[sharding] = _stacker(sharding)
+            out[n] = stackers[sharding](*pieces)
             del pieces
     return jax.tree_util.tree_unflatten(treedef, out)
 

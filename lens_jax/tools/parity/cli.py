@@ -103,6 +103,12 @@ def run(args) -> int:
                          "give the diffusers/PyTorch folder it was converted from.")
     if not (model / "model_index.json").exists() and not any((model / c).is_dir() for c in ("transformer", "vae")):
         raise InputError(f"--model {model}: not a Lens checkpoint folder (no model_index.json); give the checkpoint root.")
+    from ...pipelines import validation
+
+    # checked before any component runs: a bad --report used to fail only after the comparisons
+    validation.check_steps(args.steps, "--steps")
+    validation.check_guidance(args.guidance, "--guidance")
+    validation.check_output_dir(args.report, name="--report")
     opts = comp.Options(model=model, dtype=args.dtype, size=parse_size(args.size), prompt=args.prompt,
                         seed=args.seed, reference_dit=args.reference_dit, steps=args.steps, guidance=args.guidance)
     names = parse_components(args.components)

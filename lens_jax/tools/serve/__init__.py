@@ -41,6 +41,27 @@ def add_parser(sub) -> None:
                    help="stream layers from host memory (see `lens-jax generate --help`)")
 
 
+def check_args(args) -> None:
+    """The server's flags, before anything is loaded (a bad port or limit would surface only after the weights)."""
+    import math
+
+    from lens_jax.errors import InputError
+
+    from ..generate import NO_MODEL
+
+    if args.model is None:
+        raise InputError(NO_MODEL)
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port} is not a TCP port; give one in [1, 65535] (0 picks a free one).")
+    for flag, value in (("--max-batch", args.max_batch), ("--queue-size", args.queue_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1; got {value}.")
+    if not (math.isfinite(args.max_wait_ms) and args.max_wait_ms >= 0):
+        raise InputError(f"--max-wait-ms must be a finite number >= 0 (milliseconds); got {args.max_wait_ms}.")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise InputError(f"--timeout must be a finite number of seconds > 0; got {args.timeout}.")
+
+
 def run(args) -> int:
     import os
 
@@ -53,6 +74,7 @@ def run(args) -> int:
     from . import batcher as batcher_lib
     from .loras import LoraLibrary
 
+    check_args(args)
     enable_compilation_cache()
     loras = None if args.lora_dir is None else LoraLibrary.from_dir(args.lora_dir, args.lora_cache)
     mesh = parallel.make_mesh(args.data, args.fsdp, args.tensor)

@@ -129,7 +129,10 @@ def _jobs(req: GenerationRequest, defaults: dict, cfg: ServeConfig,
         width, height = (int(v) for v in req.size.split("x"))
         if width * height > cfg.max_pixels:
             raise _FieldError("size", f"size={req.size} is more than {cfg.max_pixels} pixels.")
-    seed = random.randrange(jobs_lib.MAX_SEED) if req.seed is None else req.seed
+    if req.seed is not None and req.seed + req.n - 1 > jobs_lib.MAX_SEED:  # image i gets seed + i, never wrapped
+        raise _FieldError("seed", f"seed={req.seed} with n={req.n}: image i uses seed + i, so seed must be at most "
+                                  f"{jobs_lib.MAX_SEED - req.n + 1}.")
+    seed = random.randrange(jobs_lib.MAX_SEED - req.n + 2) if req.seed is None else req.seed
     field = "size" if req.size is not None else "aspect_ratio"
     try:
         first = jobs_lib.make_job(defaults, req.prompt, seed=seed, negative_prompt=req.negative_prompt,
@@ -139,7 +142,7 @@ def _jobs(req: GenerationRequest, defaults: dict, cfg: ServeConfig,
     except InputError as e:
         raise _FieldError("prompt" if "prompt" in str(e) else field, str(e)) from None
     first = replace(first, loras=lora_set)
-    return [first] + [replace(first, seed=(seed + i) % (jobs_lib.MAX_SEED + 1), extra={}) for i in range(1, req.n)]
+    return [first] + [replace(first, seed=seed + i, extra={}) for i in range(1, req.n)]
 
 
 class _FieldError(Exception):
@@ -189,6 +192,8 @@ def create_app(pipe=None, config: ServeConfig | None = None, *, runner: batcher_
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
             return _error(413, f"request body over {cfg.max_body_bytes} bytes.")
+        if length is None and request.method in ("POST", "PUT", "PATCH"):  # a chunked body would pass unmeasured
+            return _error(411, f"send a Content-Length header (bodies of at most {cfg.max_body_bytes} bytes).")
         if cfg.api_key and request.url.path.startswith("/v1/"):
             auth = request.headers.get("authorization", "")
             if not hmac.compare_digest(auth.encode(), f"Bearer {cfg.api_key}".encode()):
