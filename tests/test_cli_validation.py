@@ -216,3 +216,19 @@ def test_sizes_accept_any_integer_type_and_name_floats():
         resolve_size(32.0, 32)
     with pytest.raises(ValueError, match="must be an integer"):
         resolve_size(True, 32)
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`lens-jax train --print-config | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe fails with EPIPE
+    code = "import sys; from lens_jax.tools.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--set", "model.source=x", "--print-config"],
+                          stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lens_jax.errors import InputError, LensError
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lens-jax: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `lens-jax train --print-config | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141
 
 
 def _one_line(e: BaseException) -> str:
