@@ -143,9 +143,11 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
             dit_sh = _keep_2d_on_device(dit_sh, dit_abs)
     vae_sh = parallel.replicated_shardings(vae_abs, mesh)
     h = w = size // PIXELS_PER_TOKEN
+    stacked_key = registry.component("transformer").stacked_key
+    stream = offload_lib.HostStream.for_stack(_abstract(dit_abs, dit_sh)[stacked_key]) if offload else None
     spec = sampler_lib.SamplerSpec(dit_config, vae_config, (h, w), steps, cfg, True, False, jnp.dtype(jnp.bfloat16),
                                    None, parallel.DEFAULT_RULES.bind(mesh) if mesh.size > 1 else None,
-                                   parallel.HostStream() if offload else None)
+                                   stream)
     rows = 2 * batch if cfg else batch
     programs = sampler_lib.build_programs(spec, mesh, sampler_lib.ShardingTree(dit_sh),
                                           sampler_lib.ShardingTree(vae_sh), batch, rows)
@@ -183,7 +185,8 @@ def compile_text_encoder(configs, mesh, text_tokens: int, rows: int, offload: bo
     fn = jax.jit(te.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding", "stream"))
     return fn.lower(_abstract(abstract, shardings), config, ids, mask, selected,
                     sharding=parallel.DEFAULT_RULES.bind(mesh),
-                    stream=parallel.HostStream() if offload else None).compile()
+                    stream=offload_lib.HostStream.for_stack(_abstract(abstract, shardings)["layers"]) if offload
+                    else None).compile()
 
 
 def compile_train_step(configs, mesh, size: int, lora: bool, text_tokens: int, batch: int, rank: int = 32,
