@@ -46,6 +46,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe_offload_schedule
 GIB = 1024**3
 # name -> (topology, HBM per chip in GiB); public chip specifications.
 TOPOLOGIES = {
@@ -110,6 +111,17 @@ def _host_stats(compiled) -> float:
     mem = compiled.memory_analysis()
     total = sum(getattr(mem, f"host_{k}_size_in_bytes", 0) or 0 for k in ("argument", "output"))
     return (total - (getattr(mem, "host_alias_size_in_bytes", 0) or 0)) / GIB
+
+
+def _fetch_schedule(compiled) -> str:
+    """How the compiled schedule fetches layers from host memory: per kind, count and the instructions
+    between each start and its done (0: not overlapped); scripts/probe_offload_schedule.py."""
+    from probe_offload_schedule import async_gaps
+
+    gaps = async_gaps(compiled.as_text())
+    kinds = sorted({k for k, _ in gaps})
+    return "; ".join(f"{k} x{sum(1 for kk, _ in gaps if kk == k)}, {min(g for kk, g in gaps if kk == k)}-"
+                     f"{max(g for kk, g in gaps if kk == k)} between start and done" for k in kinds) or "none"
 
 
 def _keep_2d_on_device(shardings, abstract):
@@ -338,6 +350,8 @@ def main(argv=None) -> int:
                       _host_stats(compiled))
             rows.append(row)
             print(row.line(), flush=True)
+            if "streamed" in label or "offload" in label:
+                print(f"|   | layer fetches: {_fetch_schedule(compiled)} | | | | | | |", flush=True)
     return 0
 
 

@@ -136,6 +136,21 @@ def test_streamed_text_encoder_compiles_for_tpu_with_layers_in_host_memory(aot_t
 
 
 @needs_libtpu
+def test_streamed_text_encoder_overlaps_its_fetches_on_an_fsdp_mesh(aot_tpu, configs):
+    """On a v5e-8 mesh (fsdp=8) each device's shard is sliced (the slice runs under shard_map: constrained
+    on the global array, the partitioned slice lost the shard's layout and XLA:TPU aborted, "Inconsistent
+    layout DS"). The tiny widths leave some shard layouts not layer-major: those keep the host slice."""
+    from lens_jax import parallel
+
+    mesh = parallel.make_mesh(1, 8, 1, devices=aot_tpu.topology_devices("v5e-8"))
+    compiled = aot_tpu.compile_text_encoder(configs, mesh, 16, 2, offload=True)
+    from probe_offload_schedule import async_gaps
+
+    gaps = async_gaps(compiled.as_text())
+    assert sum(kind == "async dynamic slice" for kind, _ in gaps) >= 8 and min(g for _, g in gaps) > 0, gaps
+
+
+@needs_libtpu
 def test_one_byte_stacks_stream_on_tpu(chip):
     """MXFP4 scales (uint8 [layers, experts, rows, blocks]): sliced on the host, libtpu gives the host
     computation another tiling than the host array ("async-start expects the async shape ... to match")."""

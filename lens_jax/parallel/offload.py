@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.compute_on import compute_on
 from jax.experimental.layout import Layout, with_layout_constraint
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..errors import InputError
 from ..models import streaming
@@ -42,17 +42,25 @@ class HostStream:
     previous layer's compute. CPU and GPU programs do not depend on it.
     """
 
-    layouts: tuple[tuple[tuple[int, ...], str, tuple[int, ...]], ...] = ()
+    layouts: tuple[tuple[tuple[int, ...], str, tuple[int, ...], Any], ...] = ()  # (shape, dtype, m2m, spec)
+    mesh: Any = None  # the leaves' mesh when it has more than one device (the slice runs per shard)
 
     @classmethod
     def for_stack(cls, stacked: Any) -> "HostStream":
         """The stream for `stacked` (arrays or ShapeDtypeStructs with their host shardings, [layers, ...])."""
-        found: dict[tuple[tuple[int, ...], str], tuple[int, ...] | None] = {}
+        found: dict[tuple[tuple[int, ...], str], Any] = {}
+        meshes = set()
         for a in jax.tree.leaves(stacked):
             key = (tuple(a.shape), jnp.dtype(a.dtype).name)
             layout = _layer_major(a)
+            if layout is not None:
+                meshes.add(a.sharding.mesh)
             found[key] = layout if found.get(key, layout) == layout else None  # ambiguous: fall back
-        return cls(tuple(sorted((shape, dtype, m2m) for (shape, dtype), m2m in found.items() if m2m is not None)))
+        if len(meshes) != 1:
+            return cls()
+        mesh = meshes.pop()
+        return cls(tuple((shape, dtype, *layout) for (shape, dtype), layout in sorted(found.items(), key=lambda kv: kv[0])
+                         if layout is not None), mesh if mesh.size > 1 else None)
 
     def prepare(self, stacked: Any) -> Any:
         """`stacked` before the layer loop: with layouts (a TPU target), its small 2-D leaves ([layers, width]:
@@ -65,27 +73,33 @@ class HostStream:
     def fetch(self, stacked: Any, i: Any) -> Any:
         """Layer i of `stacked` (every leaf [layers, ...], in host memory), in device memory."""
         if self.layouts:
-            tpu = partial(_fetch_overlapped, {(shape, dtype): m2m for shape, dtype, m2m in self.layouts})
+            layouts = {(shape, dtype): (m2m, spec) for shape, dtype, m2m, spec in self.layouts}
+            tpu = partial(_fetch_overlapped, layouts, self.mesh)
         else:
             tpu = _fetch_sliced_on_host
         return jax.lax.platform_dependent(stacked, i, tpu=tpu, default=_fetch)
 
 
-def _layer_major(a: Any) -> tuple[int, ...] | None:
-    """major_to_minor of a stacked >= 3-D leaf's TPU default layout (per device shard), when the layer
+def _layer_major(a: Any) -> tuple[tuple[int, ...], Any] | None:
+    """(major_to_minor, partition spec) of a stacked >= 3-D leaf's TPU default layout (per device shard), when the layer
     axis is its major axis (one layer is then whole (8, 128) tiles: the device-side slice takes it)."""
     sharding = getattr(a, "sharding", None)
-    if a.ndim < 3 or not isinstance(sharding, jax.sharding.Sharding):
+    if a.ndim < 3 or not isinstance(sharding, NamedSharding):
         return None
     device = next(iter(sharding.device_set))
-    if device.platform != "tpu":
+    if device.platform != "tpu" or (sharding.spec and sharding.spec[0] is not None):  # layer axis split: no
         return None
     shard = tuple(sharding.shard_shape(tuple(a.shape)))
     m2m = Layout.from_pjrt_layout(device.client.get_default_layout(jnp.dtype(a.dtype), shard, device)).major_to_minor
-    return tuple(m2m) if m2m and m2m[0] == 0 else None
+    return (tuple(m2m), sharding.spec) if m2m and m2m[0] == 0 else None
 
 
-def _fetch_overlapped(layouts: dict, stacked: Any, i: Any) -> Any:
+def _slice_to_device(a: Any, i: Any, m2m: tuple[int, ...]) -> Any:
+    layer = jax.device_put(jax.lax.dynamic_slice_in_dim(a, i, 1, 0), jax.memory.Space.Device)
+    return with_layout_constraint(layer, Layout(m2m))[0]
+
+
+def _fetch_overlapped(layouts: dict, mesh: Any, stacked: Any, i: Any) -> Any:
     # Layer-major host leaves: the asynchronous device-side slice, its result constrained to the host
     # array's own layout (else layout assignment gives it the consumer's: "Inconsistent layout DS").
     # Small 2-D leaves are indexed on the device (`prepare` brought them there; device_put is then a
@@ -99,9 +113,14 @@ def _fetch_overlapped(layouts: dict, stacked: Any, i: Any) -> Any:
 
     def one(a, k):
         if k == "slice":
-            layer = jax.device_put(jax.lax.dynamic_slice_in_dim(a, i, 1, 0), jax.memory.Space.Device)
-            layer = with_layout_constraint(layer, Layout(layouts[(tuple(a.shape), jnp.dtype(a.dtype).name)]))
-            return layer[0]
+            m2m, spec = layouts[(tuple(a.shape), jnp.dtype(a.dtype).name)]
+            if mesh is None:
+                return _slice_to_device(a, i, m2m)
+            # On a mesh, slice each device's shard (the layout is the shard's; constrained on the global
+            # array, the partitioned slice loses it)
+            spec = tuple(spec) + (None,) * (a.ndim - len(spec))
+            return jax.shard_map(partial(_slice_to_device, m2m=m2m), mesh=mesh, in_specs=(P(*spec), P()),
+                                 out_specs=P(*spec[1:]), check_vma=False)(a, i)
         if k == "whole":
             return jax.lax.dynamic_index_in_dim(jax.device_put(a, jax.memory.Space.Device), i, keepdims=False)
         return None
