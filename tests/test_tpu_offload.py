@@ -68,6 +68,23 @@ def test_tpu_fetch_gives_the_layer_in_device_memory():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[1])
 
 
+def test_host_stream_for_cpu_arrays_is_the_plain_stream():
+    """CPU (and GPU) targets get no layouts: HostStream.for_stack gives today's stream, the same programs."""
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=offload.HOST)
+    stacked = jax.device_put({"kernel": jnp.zeros((3, 8, 128)), "bias": jnp.zeros((3, 8))}, host)
+    assert offload.HostStream.for_stack(stacked) == offload.HostStream()
+
+
+@needs_libtpu
+def test_host_stream_for_tpu_shardings_names_the_layer_major_leaves(chip):
+    host = jax.sharding.NamedSharding(chip, jax.sharding.PartitionSpec(), memory_kind=offload.HOST)
+    stacked = {"kernel": jax.ShapeDtypeStruct((4, 256, 512), jnp.bfloat16, sharding=host),
+               "bias": jax.ShapeDtypeStruct((4, 512), jnp.bfloat16, sharding=host)}
+    stream = offload.HostStream.for_stack(stacked)
+    assert [(shape, dtype) for shape, dtype, _, _ in stream.layouts] == [((4, 256, 512), "bfloat16")]
+    assert stream.layouts[0][2][0] == 0 and stream.mesh is None  # layer axis major; one device: no shard_map
+
+
 def _bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
