@@ -448,7 +448,8 @@ class LensPipeline:
             if offload_lib.streams(self.offload, "transformer") else None,
             self._tiling(H * W, batch),
             inpaint=known is not None,
-            modulation_stream=modulation_lib.stream_for(modulation_lib.hosted(self.quantize, self.offload)),
+            modulation_stream=modulation_lib.stream_for(modulation_lib.hosted(self.quantize, self.offload),
+                                                        self.dit_params["transformer_blocks"]),
         )
         key = (spec, batch, mask.shape[0])
         programs = self._programs.get(key)
