@@ -59,8 +59,8 @@ class HostStream:
         if len(meshes) != 1:
             return cls()
         mesh = meshes.pop()
-        return cls(tuple((shape, dtype, *layout) for (shape, dtype), layout in sorted(found.items(), key=lambda kv: kv[0])
-                         if layout is not None), mesh if mesh.size > 1 else None)
+        layouts = tuple((shape, dtype, *found[shape, dtype]) for shape, dtype in sorted(found) if found[shape, dtype])
+        return cls(layouts, mesh if mesh.size > 1 else None)
 
     def prepare(self, stacked: Any) -> Any:
         """`stacked` before the layer loop: with layouts (a TPU target), its small 2-D leaves ([layers, width]:
@@ -81,8 +81,8 @@ class HostStream:
 
 
 def _layer_major(a: Any) -> tuple[tuple[int, ...], Any] | None:
-    """(major_to_minor, partition spec) of a stacked >= 3-D leaf's TPU default layout (per device shard), when the layer
-    axis is its major axis (one layer is then whole (8, 128) tiles: the device-side slice takes it)."""
+    """(major_to_minor, partition spec) of a stacked >= 3-D leaf's TPU default layout (per device shard), when
+    the layer axis is its major axis (one layer is then whole (8, 128) tiles: the device-side slice takes it)."""
     sharding = getattr(a, "sharding", None)
     if a.ndim < 3 or not isinstance(sharding, NamedSharding):
         return None
