@@ -46,6 +46,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe_offload_schedule
 GIB = 1024**3
 # name -> (topology, HBM per chip in GiB); public chip specifications.
 TOPOLOGIES = {
@@ -112,6 +113,17 @@ def _host_stats(compiled) -> float:
     return (total - (getattr(mem, "host_alias_size_in_bytes", 0) or 0)) / GIB
 
 
+def _fetch_schedule(compiled) -> str:
+    """How the compiled schedule fetches layers from host memory: per kind, count and the instructions
+    between each start and its done (0: not overlapped); scripts/probe_offload_schedule.py."""
+    from probe_offload_schedule import async_gaps
+
+    gaps = async_gaps(compiled.as_text())
+    kinds = sorted({k for k, _ in gaps})
+    return "; ".join(f"{k} x{sum(1 for kk, _ in gaps if kk == k)}, {min(g for kk, g in gaps if kk == k)}-"
+                     f"{max(g for kk, g in gaps if kk == k)} between start and done" for k in kinds) or "none"
+
+
 def _keep_2d_on_device(shardings, abstract):
     """Stacked [layers, width] leaves (biases, norm scales) back in device memory: the TPU compiler cannot
     slice one layer (one sublane row) out of a 2-D array in pinned host memory."""
@@ -143,9 +155,11 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
             dit_sh = _keep_2d_on_device(dit_sh, dit_abs)
     vae_sh = parallel.replicated_shardings(vae_abs, mesh)
     h = w = size // PIXELS_PER_TOKEN
+    stacked_key = registry.component("transformer").stacked_key
+    stream = offload_lib.HostStream.for_stack(_abstract(dit_abs, dit_sh)[stacked_key]) if offload else None
     spec = sampler_lib.SamplerSpec(dit_config, vae_config, (h, w), steps, cfg, True, False, jnp.dtype(jnp.bfloat16),
                                    None, parallel.DEFAULT_RULES.bind(mesh) if mesh.size > 1 else None,
-                                   parallel.HostStream() if offload else None)
+                                   stream)
     rows = 2 * batch if cfg else batch
     programs = sampler_lib.build_programs(spec, mesh, sampler_lib.ShardingTree(dit_sh),
                                           sampler_lib.ShardingTree(vae_sh), batch, rows)
@@ -183,7 +197,8 @@ def compile_text_encoder(configs, mesh, text_tokens: int, rows: int, offload: bo
     fn = jax.jit(te.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding", "stream"))
     return fn.lower(_abstract(abstract, shardings), config, ids, mask, selected,
                     sharding=parallel.DEFAULT_RULES.bind(mesh),
-                    stream=parallel.HostStream() if offload else None).compile()
+                    stream=offload_lib.HostStream.for_stack(_abstract(abstract, shardings)["layers"]) if offload
+                    else None).compile()
 
 
 def compile_train_step(configs, mesh, size: int, lora: bool, text_tokens: int, batch: int, rank: int = 32,
@@ -335,6 +350,8 @@ def main(argv=None) -> int:
                       _host_stats(compiled))
             rows.append(row)
             print(row.line(), flush=True)
+            if "streamed" in label or "offload" in label:
+                print(f"|   | layer fetches: {_fetch_schedule(compiled)} | | | | | | |", flush=True)
     return 0
 
 

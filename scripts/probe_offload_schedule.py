@@ -3,11 +3,11 @@ its blocks in pinned host memory for one v5e chip and read the compiled schedule
 
 Two ways of fetching a layer are compared (docs/offload.md, "What it costs, and the next step"):
 
-    host-slice    lens_jax.parallel.HostStream as the library ships it: the layer is sliced out of the
-                  host stack in a host computation (compute_on("device_host")) on TPU.
-    layer-major   probe only: >= 3-D host leaves get a layer-major layout (jax Format on the arguments),
-                  sliced by the device-side asynchronous dynamic slice; 2-D leaves come to the device
-                  whole and are indexed there.
+    host-slice    HostStream() (no layouts): the layer is sliced out of the host stack in a host
+                  computation (compute_on("device_host")) on TPU; not overlapped.
+    layer-major   HostStream.for_stack(...) as the library builds it: layer-major >= 3-D leaves by the
+                  device-side asynchronous dynamic slice, constrained to the host array's layout; 2-D
+                  leaves brought to the device whole before the loop and indexed there.
 
 For each, prints memory_analysis() and, in the layer loop's body, how many instructions the scheduler
 put between the start and the done of each asynchronous fetch (0: the transfer is not overlapped).
@@ -30,7 +30,6 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.experimental.layout import Format, Layout  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aot_tpu  # noqa: E402
@@ -38,25 +37,9 @@ import aot_tpu  # noqa: E402
 MIB = 2**20
 
 
-def layer_major(device, shape, dtype) -> tuple[int, ...]:
-    """major_to_minor with the layer axis first and the device's default layout of one layer after it."""
-    one = Layout.from_pjrt_layout(device.client.get_default_layout(jnp.dtype(dtype), tuple(shape[1:]), device))
-    return (0,) + tuple(d + 1 for d in one.major_to_minor)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerMajorStream:
-    def fetch(self, stacked, i):
-        def one(a):
-            if a.ndim <= 2:
-                return jax.lax.dynamic_index_in_dim(jax.device_put(a, jax.memory.Space.Device), i, keepdims=False)
-            return jax.device_put(jax.lax.dynamic_slice_in_dim(a, i, 1, 0), jax.memory.Space.Device)[0]
-
-        return jax.tree.map(one, stacked)
-
-
 def async_gaps(hlo: str) -> list[tuple[str, int]]:
-    """(kind, instructions between start and done) for every asynchronous host fetch in a loop body."""
+    """(kind, instructions between start and done) for every asynchronous fetch from host memory (S(5))
+    outside the entry computation (in the layer and step loops): 0 means the transfer is not overlapped."""
     gaps = []
     for comp in hlo.split("\n\n"):
         if comp.lstrip().startswith("ENTRY"):
@@ -64,10 +47,12 @@ def async_gaps(hlo: str) -> list[tuple[str, int]]:
         lines = [line for line in comp.splitlines() if re.match(r"\s+(ROOT )?%\S+ = ", line)]
         names = [re.match(r"\s+(?:ROOT )?(%\S+) = ", line).group(1) for line in lines]
         for k, line in enumerate(lines):
-            if "S(5)" in line and re.search(r"(dynamic-slice-start|custom-call-start)\(", line):
+            start = re.search(r"(dynamic-slice|custom-call|call|copy)-start\(", line)
+            if "S(5)" in line and start:
                 done = next(j for j in range(k + 1, len(lines)) if re.search(re.escape(names[k]) + r"\)", lines[j])
                             and "-done(" in lines[j])
-                kind = "host slice" if "HostExecute" in line else "async dynamic slice"
+                kind = "host slice" if "HostExecute" in line or start.group(1) == "call" else {
+                    "dynamic-slice": "async dynamic slice", "copy": "copy"}.get(start.group(1), start.group(1))
                 gaps.append((kind, done - k - 1))
     return gaps
 
@@ -96,14 +81,10 @@ def main(argv=None) -> int:
     rest = (sds((2, n * n, config.in_channels), jnp.bfloat16),
             [sds((2, 192, config.enc_hidden_dim), jnp.bfloat16)] * config.num_text_layers,
             sds((2, 192), jnp.bool_), sds((2,), jnp.float32))
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     for fetch in args.fetch:
-        def place(a, s, fetch=fetch):
-            if fetch == "layer-major" and s.memory_kind == offload.HOST and a.ndim >= 3:
-                s = Format(Layout(layer_major(device, a.shape, a.dtype)), s)
-            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-
-        params = jax.tree.map(place, abstract, shardings)
-        stream = offload.HostStream() if fetch == "host-slice" else LayerMajorStream()
+        stream = offload.HostStream() if fetch == "host-slice" else offload.HostStream.for_stack(
+            params["transformer_blocks"])
         t0 = time.perf_counter()
         compiled = dit.apply.lower(params, config, *rest, img_shape=(n, n), stream=stream).compile()
         mem = compiled.memory_analysis()

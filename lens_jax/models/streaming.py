@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 
 class LayerStream(Protocol):
-    def fetch(self, stacked: Any, i: Any) -> Any: ...
+    def fetch(self, stacked: Any, i: Any) -> Any: ...  # optional too: prepare(stacked) -> stacked
 
 
 def layer(stacked: Any, i) -> Any:
@@ -31,6 +31,8 @@ def scan_layers(step: Callable[[Any, Any], tuple[Any, Any]], carry: Any, stacked
     if stream is None:
         return jax.lax.scan(step, carry, stacked)
     n = jax.tree.leaves(stacked)[0].shape[0]
+    prepare = getattr(stream, "prepare", None)  # optional: placement done once, before the loop
+    stacked = prepare(stacked) if prepare is not None else stacked
 
     def fetch(i):
         return stream.fetch(stacked, i)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.compute_on import compute_on
-from jax.sharding import NamedSharding
+from jax.experimental.layout import Layout, with_layout_constraint
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..errors import InputError
 from ..models import streaming
@@ -31,11 +34,101 @@ HOST = "pinned_host"
 
 @dataclass(frozen=True)
 class HostStream:
-    """Brings one layer of a stack in host memory into device memory (keeps its sharding)."""
+    """Brings one layer of a stack in host memory into device memory (keeps its sharding).
+
+    `layouts` (from `HostStream.for_stack`; empty: none known) lists, per stacked leaf shape and dtype,
+    the TPU layout (major_to_minor) its host array has, when the layer axis is the major one: those
+    leaves are fetched on TPU by the device-side asynchronous slice, which XLA overlaps with the
+    previous layer's compute. CPU and GPU programs do not depend on it.
+    """
+
+    layouts: tuple[tuple[tuple[int, ...], str, tuple[int, ...], Any], ...] = ()  # (shape, dtype, m2m, spec)
+    mesh: Any = None  # the leaves' mesh when it has more than one device (the slice runs per shard)
+
+    @classmethod
+    def for_stack(cls, stacked: Any) -> "HostStream":
+        """The stream for `stacked` (arrays or ShapeDtypeStructs with their host shardings, [layers, ...])."""
+        found: dict[tuple[tuple[int, ...], str], Any] = {}
+        meshes = set()
+        for a in jax.tree.leaves(stacked):
+            key = (tuple(a.shape), jnp.dtype(a.dtype).name)
+            layout = _layer_major(a)
+            if layout is not None:
+                meshes.add(a.sharding.mesh)
+            found[key] = layout if found.get(key, layout) == layout else None  # ambiguous: fall back
+        if len(meshes) != 1:
+            return cls()
+        mesh = meshes.pop()
+        layouts = tuple((shape, dtype, *found[shape, dtype]) for shape, dtype in sorted(found) if found[shape, dtype])
+        return cls(layouts, mesh if mesh.size > 1 else None)
+
+    def prepare(self, stacked: Any) -> Any:
+        """`stacked` before the layer loop: with layouts (a TPU target), its small 2-D leaves ([layers, width]:
+        biases, norm scales, whose layer axis is a tiled one the device-side slice cannot cut) are brought
+        to the device whole, once; the loop indexes them there. Without, `stacked` unchanged."""
+        if not self.layouts:
+            return stacked
+        return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device) if a.ndim <= 2 else a, stacked)
 
     def fetch(self, stacked: Any, i: Any) -> Any:
         """Layer i of `stacked` (every leaf [layers, ...], in host memory), in device memory."""
-        return jax.lax.platform_dependent(stacked, i, tpu=_fetch_sliced_on_host, default=_fetch)
+        if self.layouts:
+            layouts = {(shape, dtype): (m2m, spec) for shape, dtype, m2m, spec in self.layouts}
+            tpu = partial(_fetch_overlapped, layouts, self.mesh)
+        else:
+            tpu = _fetch_sliced_on_host
+        return jax.lax.platform_dependent(stacked, i, tpu=tpu, default=_fetch)
+
+
+def _layer_major(a: Any) -> tuple[tuple[int, ...], Any] | None:
+    """(major_to_minor, partition spec) of a stacked >= 3-D leaf's TPU default layout (per device shard), when
+    the layer axis is its major axis (one layer is then whole (8, 128) tiles: the device-side slice takes it)."""
+    sharding = getattr(a, "sharding", None)
+    if a.ndim < 3 or not isinstance(sharding, NamedSharding):
+        return None
+    device = next(iter(sharding.device_set))
+    if device.platform != "tpu" or (sharding.spec and sharding.spec[0] is not None):  # layer axis split: no
+        return None
+    shard = tuple(sharding.shard_shape(tuple(a.shape)))
+    m2m = Layout.from_pjrt_layout(device.client.get_default_layout(jnp.dtype(a.dtype), shard, device)).major_to_minor
+    return (tuple(m2m), sharding.spec) if m2m and m2m[0] == 0 else None
+
+
+def _slice_to_device(a: Any, i: Any, m2m: tuple[int, ...]) -> Any:
+    layer = jax.device_put(jax.lax.dynamic_slice_in_dim(a, i, 1, 0), jax.memory.Space.Device)
+    return with_layout_constraint(layer, Layout(m2m))[0]
+
+
+def _fetch_overlapped(layouts: dict, mesh: Any, stacked: Any, i: Any) -> Any:
+    # Layer-major host leaves: the asynchronous device-side slice, its result constrained to the host
+    # array's own layout (else layout assignment gives it the consumer's: "Inconsistent layout DS").
+    # Small 2-D leaves are indexed on the device (`prepare` brought them there; device_put is then a
+    # no-op). Anything else is sliced on the host as without layouts.
+    def kind(a):
+        if (tuple(a.shape), jnp.dtype(a.dtype).name) in layouts:
+            return "slice"
+        return "whole" if a.ndim <= 2 else "host"
+
+    kinds = jax.tree.map(kind, stacked)
+
+    def one(a, k):
+        if k == "slice":
+            m2m, spec = layouts[(tuple(a.shape), jnp.dtype(a.dtype).name)]
+            if mesh is None:
+                return _slice_to_device(a, i, m2m)
+            # On a mesh, slice each device's shard (the layout is the shard's; constrained on the global
+            # array, the partitioned slice loses it)
+            spec = tuple(spec) + (None,) * (a.ndim - len(spec))
+            return jax.shard_map(partial(_slice_to_device, m2m=m2m), mesh=mesh, in_specs=(P(*spec), P()),
+                                 out_specs=P(*spec[1:]), check_vma=False)(a, i)
+        if k == "whole":
+            return jax.lax.dynamic_index_in_dim(jax.device_put(a, jax.memory.Space.Device), i, keepdims=False)
+        return None
+
+    direct = jax.tree.map(one, stacked, kinds)
+    rest = jax.tree.map(lambda a, k: a if k == "host" else None, stacked, kinds)
+    rest = _fetch_sliced_on_host(rest, i) if jax.tree.leaves(rest) else rest
+    return jax.tree.map(lambda k, a, b: b if k == "host" else a, kinds, direct, rest, is_leaf=lambda x: x is None)
 
 
 def _fetch(stacked: Any, i: Any) -> Any:

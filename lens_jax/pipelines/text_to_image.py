@@ -259,7 +259,7 @@ class LensPipeline:
                 layers = te.params["layers"]
                 on_host = jax.tree.map(lambda a: a.sharding.with_memory_kind(offload_lib.HOST), layers)
                 te.params = {**te.params, "layers": parallel.put_tree(layers, on_host)}  # no-op when already there
-                te.stream = parallel.HostStream()
+                te.stream = parallel.HostStream.for_stack(te.params["layers"])
             self._text_encoder = te
         return self._text_encoder
 
@@ -450,10 +450,12 @@ class LensPipeline:
         spec = sampler_lib.SamplerSpec(
             self.dit_config, self.vae_config, (h, w), steps, use_cfg, output_type != "latent", return_trajectory,
             jnp.dtype(self.dtype), dit.default_attention_impl(self.dtype), self._activation_sharding,
-            parallel.HostStream() if offload_lib.streams(self.offload, "transformer") else None,
+            parallel.HostStream.for_stack(self.dit_params["transformer_blocks"])
+            if offload_lib.streams(self.offload, "transformer") else None,
             self._tiling(H * W, batch),
             inpaint=known is not None,
-            modulation_stream=modulation_lib.stream_for(modulation_lib.hosted(self.quantize, self.offload)),
+            modulation_stream=modulation_lib.stream_for(modulation_lib.hosted(self.quantize, self.offload),
+                                                        self.dit_params["transformer_blocks"]),
         )
         key = (spec, batch, mask.shape[0])
         programs = self._programs.get(key)

@@ -50,10 +50,13 @@ def on_host(dit_shardings: Any, stacked_key: str = "transformer_blocks") -> Any:
     return {**dit_shardings, stacked_key: {**blocks, **{k: {**blocks[k], **moved[k]} for k in dit.MODULATION_KEYS}}}
 
 
-def stream_for(mods_on_host: bool):
+def stream_for(mods_on_host: bool, blocks: Any = None):
     """The stream the table computation reads the modulation Linears with: a `HostStream` when they live
-    in host memory, else None (the sampler falls back to the blocks' own stream when the stack streams)."""
-    return parallel.HostStream() if mods_on_host else None
+    in host memory, else None (the sampler falls back to the blocks' own stream when the stack streams).
+    `blocks`: the placed stacked blocks, for the TPU layouts of an overlapped fetch (`HostStream.for_stack`)."""
+    if not mods_on_host:
+        return None
+    return parallel.HostStream() if blocks is None else parallel.HostStream.for_stack(blocks)
 
 
 def device_bytes(tree: Any) -> int:
