@@ -9,7 +9,8 @@ tensor) mesh from the topology's abstract devices, takes abstract bf16 parameter
 - the GPT-OSS text encoder (MXFP4-packed experts as the checkpoint ships them) for a CFG pair
   (`text`; `text-offload`: its decoder layers in pinned host memory, streamed),
 - the sampler with the DiT's blocks in pinned host memory, streamed (`offload="all"`,
-  `lens_jax.parallel.offload`; programs `cfg-offload` / `turbo-offload`), and
+  `lens_jax.parallel.offload`; programs `cfg-offload` / `turbo-offload`; `cfg-textoffload` /
+  `turbo-textoffload`: the sampler of `offload="text_encoder"`, modulation kernels on the host), and
 - the whole train step as `lens-jax train` compiles it (`lens_jax.training.trainer.train_step`:
   sigma/noise sampling, DiT forward, backward through the remat policy, optax AdamW update), for
   LoRA (`train_lora`: rank 32 on attention + MLP, frozen bf16 base) and full fine-tuning
@@ -57,7 +58,7 @@ TOPOLOGIES = {
 HBM_BY_PREFIX = {"v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v4": 32}
 
 
-PROGRAMS = ("cfg", "turbo", "text", "text-offload", "cfg-offload", "turbo-offload", "cfg-offload3d", "turbo-offload3d", "train_lora",
+PROGRAMS = ("cfg", "turbo", "text", "text-offload", "cfg-textoffload", "turbo-textoffload", "cfg-offload", "turbo-offload", "cfg-offload3d", "turbo-offload3d", "train_lora",
             "train_full")
 
 
@@ -135,6 +136,8 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
     """The whole sampler program; `offload`: the DiT blocks in pinned host memory, streamed (offload="all").
 
     offload="3d": as True, but the stacked 2-D leaves stay on the device (`_keep_2d_on_device`).
+    offload="text_encoder": the sampler of that mode, the blocks on the device but their modulation
+    kernels in host memory, streamed once for the modulation table (`lens_jax.sampling.modulation`).
     """
     from lens_jax import parallel
     from lens_jax.models import transformer as dit
@@ -149,6 +152,13 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
     dit_abs = jax.eval_shape(lambda: dit.init_params(dit_config, key, jnp.bfloat16))
     vae_abs = jax.eval_shape(lambda: vae_lib.init_params(vae_config, key, jnp.bfloat16))
     dit_sh = parallel.logical_shardings(dit_abs, dit.param_axes(dit_config), mesh)
+    from lens_jax.sampling import modulation
+
+    mod_stream = None
+    if offload == "text_encoder":  # as LensPipeline does for offload="text_encoder"
+        dit_sh = modulation.on_host(dit_sh, registry.component("transformer").stacked_key)
+        mod_stream = modulation.stream_for(True, _abstract(dit_abs, dit_sh)[registry.component("transformer").stacked_key])
+        offload = False
     if offload:  # as LensPipeline does for offload="all"
         dit_sh = offload_lib.on_host(dit_sh, registry.component("transformer").stacked_key)
         if offload == "3d":
@@ -159,7 +169,7 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
     stream = offload_lib.HostStream.for_stack(_abstract(dit_abs, dit_sh)[stacked_key]) if offload else None
     spec = sampler_lib.SamplerSpec(dit_config, vae_config, (h, w), steps, cfg, True, False, jnp.dtype(jnp.bfloat16),
                                    None, parallel.DEFAULT_RULES.bind(mesh) if mesh.size > 1 else None,
-                                   stream)
+                                   stream, modulation_stream=mod_stream)
     rows = 2 * batch if cfg else batch
     programs = sampler_lib.build_programs(spec, mesh, sampler_lib.ShardingTree(dit_sh),
                                           sampler_lib.ShardingTree(vae_sh), batch, rows)
@@ -311,8 +321,9 @@ def main(argv=None) -> int:
         train_batch = args.train_batch or d * f
         jobs = []
         for size in args.sizes:
-            for off, mode in (("", False), ("-offload", True), ("-offload3d", "3d")):
-                tail = {"": "", "-offload": " offload=all", "-offload3d": " offload=all, 2-D stacked on device"}[off]
+            for off, mode in (("", False), ("-offload", True), ("-offload3d", "3d"), ("-textoffload", "text_encoder")):
+                tail = {"": "", "-offload": " offload=all", "-offload3d": " offload=all, 2-D stacked on device",
+                        "-textoffload": " offload=text_encoder (modulation kernels on the host)"}[off]
                 if "cfg" + off in args.programs:
                     jobs.append((f"sampler {size}² CFG 20 steps + decode{tail}",
                                  lambda s=size, o=mode: compile_sampler(configs, mesh, s, True, 20,
