@@ -104,8 +104,24 @@ def _overlapped_fetches(compiled, stacked) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def streamed_sampler(aot_tpu, chip, configs):
+def streamed_programs(aot_tpu, chip, configs):
     return aot_tpu.compile_sampler(configs, chip, 64, False, 2, 64, 1, offload=True)
+
+
+@pytest.fixture(scope="module")
+def streamed_sampler(streamed_programs):
+    return streamed_programs[0]
+
+
+@needs_libtpu
+def test_streamed_sampler_decodes_in_a_program_of_its_own(streamed_programs):
+    """With the DiT in host memory the VAE decode is its own program after the loop
+    (`SamplerSpec.decode_apart`): XLA:TPU gave the decode twice its temporaries inside the loop's program."""
+    loop, decode = streamed_programs
+    assert len(loop.output_shardings) == 3 and loop.output_shardings[1] is None  # (latents, no image, trajectory)
+    assert decode.memory_analysis().host_argument_size_in_bytes == 0
+    spatial = re.compile(r"dim_labels=\w*01\w*_01io")  # a 2-D convolution (TPU writes dots as convolutions too)
+    assert not spatial.search(loop.as_text()) and spatial.search(decode.as_text())
 
 
 @needs_libtpu

@@ -1,6 +1,7 @@
 """The jitted Lens sampler: the denoising loop (and the VAE decode) as compiled XLA programs.
 
-Without a progress callback the whole loop and the decode are ONE program: a `lax.scan` over
+Without a progress callback the whole loop and the decode are ONE program (two, loop then decode,
+when DiT parameters come from host memory: `SamplerSpec.decode_apart`): a `lax.scan` over
 steps (optionally keeping every step's latents), classifier-free guidance as one batched DiT
 forward with Lens' norm rescaling, and a guidance of exactly 1.0 (Lens-Turbo) dropping the
 unconditional half. With a callback, the host drives a one-step program and then the decode
@@ -21,6 +22,7 @@ step the kept region is reset to x0 noised to that step's sigma, (1 - s) x0 + s 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -57,6 +59,13 @@ class SamplerSpec:
     # program then takes the table after `i`. `modulation_stream` reads img_mod/txt_mod from host memory.
     modulation_table: bool = True
     modulation_stream: Any = None
+
+    @property
+    def decode_apart(self) -> bool:
+        """Whether the whole-loop program leaves the VAE decode to the `decode` program (run after it):
+        when DiT parameters come from host memory. Inside such a program XLA:TPU lays the decode's
+        activations out less tightly (about twice its temporaries: docs/offload.md, "What it costs")."""
+        return self.decode and (self.stream is not None or self.modulation_stream is not None)
 
 
 def velocity(spec: SamplerSpec, dit_params, x, features, mask, t, guidance, modulation=None):
@@ -133,7 +142,8 @@ def sample(spec: SamplerSpec, dit_params, vae_params, latents, features, mask, s
 
 @dataclass(frozen=True)
 class Programs:
-    """The compiled programs of one spec: `whole` (loop + decode), `step` and `decode` (host-driven loop),
+    """The compiled programs of one spec: `whole` (loop + decode; the loop alone when `spec.decode_apart`,
+    then `decode` follows it), `step` and `decode` (host-driven loop),
     and `table` (the host-driven loop's modulation table, None when the spec has none)."""
 
     whole: Callable
@@ -157,10 +167,11 @@ def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, 
     feats = [txt] * spec.dit_config.num_text_layers
     donate = (2,) if jax.default_backend() != "cpu" else ()
     known = ((lat, lat, lat),) if spec.inpaint else ()
+    loop_spec = dataclasses.replace(spec, decode=False) if spec.decode_apart else spec
     whole = jax.jit(
-        lambda *args: sample(spec, *args),
+        lambda *args: sample(loop_spec, *args),
         in_shardings=(dit_shardings.tree, vae_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep) + known,
-        out_shardings=(lat, image, traj),
+        out_shardings=(lat, None if spec.decode_apart else image, traj),
         donate_argnums=donate,
     )
     mod = (rep,) if spec.modulation_table else ()  # the step program's table argument, after `i`
@@ -192,8 +203,11 @@ def run(programs: Programs, spec: SamplerSpec, dit_params, vae_params, latents, 
     (x0, noise, latent mask) for an inpainting spec, else None."""
     extra = (known,) if spec.inpaint else ()
     if callback is None:
-        return programs.whole(dit_params, vae_params, latents, features, mask, sigmas, timesteps, guidance, start,
-                              *extra)
+        x, image, trajectory = programs.whole(dit_params, vae_params, latents, features, mask, sigmas, timesteps,
+                                              guidance, start, *extra)
+        if spec.decode_apart:
+            image = programs.decode(vae_params, x)
+        return x, image, trajectory
     import numpy as np
 
     x = latents
