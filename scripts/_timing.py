@@ -1,8 +1,9 @@
-"""Best-of-N timing, shared by the benchmark scripts (`from _timing import best_of`; `python scripts/X.py`
+"""Timing helpers shared by the benchmark scripts (`from _timing import best_of, median_over_seeds`; `python scripts/X.py`
 puts this folder on the import path)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, NamedTuple
 
@@ -26,3 +27,14 @@ def best_of(fn: Callable[[], object], runs: int, warmup: bool = True) -> Timing:
         fn()
         times.append(Timing((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
     return min(times)
+
+
+def median_over_seeds(generate: Callable[..., object], runs: int) -> float | None:
+    """Median wall seconds of `generate(seed=seed)` for seeds 1..runs (seed 0 is the caller's warm-up call:
+    a new seed per run, so no run repeats another's work); None when `runs` is 0."""
+    times = []
+    for seed in range(1, runs + 1):
+        t0 = time.perf_counter()
+        generate(seed=seed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) if times else None

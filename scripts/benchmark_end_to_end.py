@@ -25,6 +25,7 @@ quantised DiT's device-resident bytes; its bf16 modulation kernels wait in pinne
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import json
 import statistics
@@ -44,6 +45,7 @@ from lens_jax.pipelines import prompt as prompt_lib
 from lens_jax.pipelines.components import Component, tree_bytes
 from lens_jax.pipelines.text_to_image import load_preset
 from _random_init import init_sharded
+from _timing import median_over_seeds
 
 
 def cosine(a, b) -> float:
@@ -139,11 +141,7 @@ def main() -> None:
             t0 = time.perf_counter()
             first = pipe(seed=0, **call)
             first_s = time.perf_counter() - t0
-            times = []
-            for i in range(args.runs):
-                t0 = time.perf_counter()
-                pipe(seed=i + 1, **call)
-                times.append(time.perf_counter() - t0)
+            per_image_s = median_over_seeds(functools.partial(pipe, **call), args.runs)
             enc = []
             for _ in range(max(1, args.runs)):
                 t0 = time.perf_counter()
@@ -157,14 +155,14 @@ def main() -> None:
             row = dict(quantize=mode or "none", variant=variant, size=f"{height}x{width}", offload=args.offload,
                        steps=preset["num_inference_steps"], cfg=preset["guidance_scale"],
                        text_tokens=int(first.text_mask[0].sum()), first_call_s=first_s,
-                       per_image_s=statistics.median(times) if times else None, encode_s=statistics.median(enc),
+                       per_image_s=per_image_s, encode_s=statistics.median(enc),
                        peak_gib=stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
                        dit_device_gib=device_bytes(pipe.dit_params) / 2**30,
                        cosine_vs_first=cos, finite=bool(np.isfinite(latents).all()))
             rows.append(row)
             print(f"quantize={row['quantize']:<5} {variant:<11} steps {row['steps']:>2} cfg {row['cfg']:.1f} "
                   f"text {row['text_tokens']} tok: first call {first_s:6.2f} s, median "
-                  + (f"{row['per_image_s']:6.3f}" if times else "  -   ")
+                  + (f"{row['per_image_s']:6.3f}" if per_image_s is not None else "  -   ")
                   + f" s per image (encode {row['encode_s'] * 1e3:.1f} ms)"
                   + f", DiT on device {row['dit_device_gib']:.2f} GiB"
                   + (f", peak {row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else "")

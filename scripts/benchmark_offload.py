@@ -11,9 +11,8 @@ and times them; device memory figures need a GPU (`memory_stats()`).
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from lens_jax.parallel import offload as offload_lib
 from lens_jax.pipelines.components import Component
 from lens_jax.pipelines.text_to_image import load_preset
 from _random_init import init_sharded
+from _timing import median_over_seeds
 
 
 def main() -> None:
@@ -62,14 +62,10 @@ def main() -> None:
             call = dict(prompt_embeds=feats, prompt_mask=mask, height=height, width=width, output_type="np",
                         num_inference_steps=preset["num_inference_steps"], guidance_scale=preset["guidance_scale"])
             pipe(seed=0, **call)
-            times = []
-            for i in range(args.runs):
-                t0 = time.perf_counter()
-                pipe(seed=i + 1, **call)
-                times.append(time.perf_counter() - t0)
+            median = median_over_seeds(functools.partial(pipe, **call), args.runs)
             stats = jax.devices()[0].memory_stats() or {}
             peak = stats.get("peak_bytes_in_use")
-            print(f"offload={mode:<12} {variant:<11} median {statistics.median(times):7.3f} s per image"
+            print(f"offload={mode:<12} {variant:<11} median {median:7.3f} s per image"
                   + (f", peak device memory {peak / 2**30:.2f} GiB" if peak else ""))
         del pipe
 

@@ -11,7 +11,7 @@ encoder has its own benchmark), so the figures are the DiT loop plus the decode:
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import time
 
 import jax
@@ -23,6 +23,7 @@ from lens_jax import transformer as dit
 from lens_jax import vae as vae_lib
 from lens_jax.pipelines.components import Component
 from lens_jax.pipelines.text_to_image import load_preset
+from _timing import median_over_seeds
 
 
 def main() -> None:
@@ -67,15 +68,11 @@ def main() -> None:
         t0 = time.perf_counter()
         pipe(seed=0, **call)
         first = time.perf_counter() - t0
-        times = []
-        for i in range(args.runs):
-            t0 = time.perf_counter()
-            pipe(seed=i + 1, **call)
-            times.append(time.perf_counter() - t0)
+        median = median_over_seeds(functools.partial(pipe, **call), args.runs)
         stats = jax.devices()[0].memory_stats() or {}
         peak = stats.get("peak_bytes_in_use")
         print(f"{variant:<11} steps {preset['num_inference_steps']:>2} cfg {preset['guidance_scale']:.1f}: "
-              f"first call (compile+run) {first:6.2f} s, median {statistics.median(times):6.3f} s per image"
+              f"first call (compile+run) {first:6.2f} s, median {median:6.3f} s per image"
               + (f", peak device memory {peak / 2**30:.2f} GiB" if peak else ""))
 
 
