@@ -46,6 +46,19 @@ def dit_flops(c: T.TransformerConfig, batch: int, n_img: int, n_txt: int) -> flo
     return batch * (c.num_layers * per_block + embed + out)
 
 
+def random_inputs(c: T.TransformerConfig, batch: int, text_tokens: int, h: int, w: int, dtype):
+    """Random DiT weights and one step's inputs: (params, latents [B, h*w, C], text features per selected
+    layer, text mask (every other row padded to 3/4), sigma [B])."""
+    params = jax.jit(lambda k: T.init_params(c, k, dtype))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    b, s = batch, text_tokens
+    x = jnp.asarray(rng.standard_normal((b, h * w, c.in_channels)), dtype)
+    feats = [jnp.asarray(rng.standard_normal((b, s, c.enc_hidden_dim)), dtype) for _ in range(c.num_text_layers)]
+    mask = jnp.asarray(np.arange(s)[None, :] < np.array([s, s * 3 // 4] * b)[:b, None])
+    sigma = jnp.asarray(rng.uniform(size=b), jnp.float32)
+    return params, x, feats, mask, sigma
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), default=None, help="default: full on GPU/TPU, small on CPU")
@@ -69,13 +82,8 @@ def main() -> None:
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     impl = {"auto": T.default_attention_impl(dtype), "xla": None, "cudnn": "cudnn"}[args.attention]
 
-    params = jax.jit(lambda k: T.init_params(c, k, dtype))(jax.random.key(0))
-    rng = np.random.default_rng(0)
     b, s = args.batch, args.text_tokens
-    x = jnp.asarray(rng.standard_normal((b, h * w, c.in_channels)), dtype)
-    feats = [jnp.asarray(rng.standard_normal((b, s, c.enc_hidden_dim)), dtype) for _ in range(c.num_text_layers)]
-    mask = jnp.asarray(np.arange(s)[None, :] < np.array([s, s * 3 // 4] * b)[:b, None])
-    sigma = jnp.asarray(rng.uniform(size=b), jnp.float32)
+    params, x, feats, mask, sigma = random_inputs(c, b, s, h, w, dtype)
 
     fwd = jax.jit(T.apply, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl"))
     t0 = time.perf_counter()

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from benchmark_transformer import CONFIGS
+from benchmark_transformer import CONFIGS, random_inputs
 
 from lens_jax import transformer as T
 
@@ -99,13 +98,8 @@ def main() -> None:
     c = CONFIGS[name]
     h, w = args.height // 16, args.width // 16
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    params = jax.jit(lambda k: T.init_params(c, k, dtype))(jax.random.key(0))
-    rng = np.random.default_rng(0)
     b, s = args.batch, args.text_tokens
-    x = jnp.asarray(rng.standard_normal((b, h * w, c.in_channels)), dtype)
-    feats = [jnp.asarray(rng.standard_normal((b, s, c.enc_hidden_dim)), dtype) for _ in range(c.num_text_layers)]
-    mask = jnp.asarray(np.arange(s)[None, :] < np.array([s, s * 3 // 4] * b)[:b, None])
-    sigma = jnp.asarray(rng.uniform(size=b), jnp.float32)
+    params, x, feats, mask, sigma = random_inputs(c, b, s, h, w, dtype)
     fwd = jax.jit(T.apply, static_argnames=("config", "img_shape", "compute_dtype", "attention_impl"))
     compiled = fwd.lower(params, c, x, feats, mask, sigma, (h, w), dtype, T.default_attention_impl(dtype)).compile()
     run = lambda: compiled(params, x, feats, mask, sigma).block_until_ready()  # noqa: E731
