@@ -2,7 +2,7 @@
 # Run on the CPU box before a GPU lease, from the repository root of the checkout the device tool sends
 # (the lead's): fetches what scripts/gpu_runbook.py needs on the device machine but cannot download there.
 #
-#   scripts/gpu_prepare.sh [--reference PATH]     # default PATH: ../shared/reference/lens_transformer_ref.py
+#   scripts/gpu_prepare.sh [--reference PATH]     # PATH: the upstream lens_transformer_ref.py (never shipped here)
 #
 # - .gpu_wheels/: wheels of the packages our runbook needs that the device image lacks. Assumption (the
 #   device tool's KINDS.md, 2026-11): CPython 3.12 on x86-64 glibc (manylinux), with jax 0.11.2 + CUDA 13,
@@ -14,7 +14,7 @@
 #   committed: both folders are git-ignored; name them in the run call's carry list).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REFERENCE=../shared/reference/lens_transformer_ref.py
+REFERENCE=
 while [ $# -gt 0 ]; do
   case "$1" in
     --reference) REFERENCE="$2"; shift 2 ;;
@@ -30,10 +30,10 @@ rm -rf .gpu_wheels && mkdir -p .gpu_wheels
 $PIP download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d .gpu_wheels "${PACKAGES[@]}"
-if [ -f "$REFERENCE" ]; then
+if [ -n "$REFERENCE" ] && [ -f "$REFERENCE" ]; then
   mkdir -p .gpu_ref && cp "$REFERENCE" .gpu_ref/lens_transformer_ref.py
 else
-  echo "warning: $REFERENCE not found: the vs_torch step will be skipped (give --reference PATH)" >&2
+  echo "warning: no upstream DiT (${REFERENCE:-no --reference given}): the vs_torch step will be skipped; give --reference PATH" >&2
 fi
 du -sh .gpu_wheels .gpu_ref 2>/dev/null || true
 ls .gpu_wheels

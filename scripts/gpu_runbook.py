@@ -3,7 +3,7 @@
 
 Before the lease (on the CPU box, from the checkout the session runs in, i.e. the lead's):
 
-    scripts/gpu_prepare.sh          # wheels missing on the device image -> .gpu_wheels/, upstream DiT -> .gpu_ref/
+    scripts/gpu_prepare.sh --reference PATH   # wheels missing on the device image -> .gpu_wheels/, upstream DiT -> .gpu_ref/
     python scripts/gpu_runbook.py --dry-run --group 1     # same steps, tiny sizes, on CPU (also 2, 3)
 
 During the lease, one `run` tool call per group, most important first (each call <= 2000 characters;
