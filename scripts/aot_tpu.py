@@ -143,6 +143,7 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
     from lens_jax.models import transformer as dit
     from lens_jax.models import vae as vae_lib
     from lens_jax.parallel import offload as offload_lib
+    from lens_jax.sampling import modulation
     from lens_jax.sampling import sampler as sampler_lib
     from lens_jax.sampling.resolution import PIXELS_PER_TOKEN
     from lens_jax.weights import registry
@@ -152,21 +153,19 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
     dit_abs = jax.eval_shape(lambda: dit.init_params(dit_config, key, jnp.bfloat16))
     vae_abs = jax.eval_shape(lambda: vae_lib.init_params(vae_config, key, jnp.bfloat16))
     dit_sh = parallel.logical_shardings(dit_abs, dit.param_axes(dit_config), mesh)
-    from lens_jax.sampling import modulation
-
-    mod_stream = None
+    stacked_key = registry.component("transformer").stacked_key
+    streams_blocks = bool(offload) and offload != "text_encoder"
     if offload == "text_encoder":  # as LensPipeline does for offload="text_encoder"
-        dit_sh = modulation.on_host(dit_sh, registry.component("transformer").stacked_key)
-        mod_stream = modulation.stream_for(True, _abstract(dit_abs, dit_sh)[registry.component("transformer").stacked_key])
-        offload = False
-    if offload:  # as LensPipeline does for offload="all"
-        dit_sh = offload_lib.on_host(dit_sh, registry.component("transformer").stacked_key)
+        dit_sh = modulation.on_host(dit_sh, stacked_key)
+    if streams_blocks:  # as LensPipeline does for offload="all"
+        dit_sh = offload_lib.on_host(dit_sh, stacked_key)
         if offload == "3d":
             dit_sh = _keep_2d_on_device(dit_sh, dit_abs)
     vae_sh = parallel.replicated_shardings(vae_abs, mesh)
     h = w = size // PIXELS_PER_TOKEN
-    stacked_key = registry.component("transformer").stacked_key
-    stream = offload_lib.HostStream.for_stack(_abstract(dit_abs, dit_sh)[stacked_key]) if offload else None
+    blocks = _abstract(dit_abs, dit_sh)[stacked_key]
+    stream = offload_lib.HostStream.for_stack(blocks) if streams_blocks else None
+    mod_stream = modulation.stream_for(offload == "text_encoder", blocks)
     spec = sampler_lib.SamplerSpec(dit_config, vae_config, (h, w), steps, cfg, True, False, jnp.dtype(jnp.bfloat16),
                                    None, parallel.DEFAULT_RULES.bind(mesh) if mesh.size > 1 else None,
                                    stream, modulation_stream=mod_stream)
