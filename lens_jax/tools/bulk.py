@@ -135,16 +135,8 @@ def write_image(out_dir: Path, line: Line, image: np.ndarray, model: str, metada
     """Write the PNG atomically, then append its record to the metadata file (flushed to disk)."""
     rec = _record(line, model)
     path = out_dir / line.name
-    # a hidden name of our own (O_EXCL) with the umask's permissions, as `lens-jax generate` writes
-    # (mkstemp made every bulk PNG 0600, unreadable to the group and a web server)
-    tmp = out_dir / f".{path.name}.{os.getpid()}.part"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(jobs_lib.to_png_bytes(image, rec))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    png = jobs_lib.to_png_bytes(image, rec)
+    jobs_lib.write_atomically(path, lambda f: f.write(png))
     with open(out_dir / metadata_file, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
         f.flush()

@@ -14,7 +14,7 @@ from pathlib import Path
 from lens_jax.errors import InputError
 from lens_jax.pipelines import validation
 
-from . import bulk
+from . import bulk, jobs
 from .runtime import enable_compilation_cache, quiet_third_party
 
 TINY_RANDOM = "tiny-random"
@@ -110,16 +110,7 @@ def _save_png(image, path: Path, metadata: dict) -> None:
     for k, v in metadata.items():
         info.add_text(k, str(v))
     info.add_text("parameters", json.dumps(metadata))
-    # A hidden name of our own (O_EXCL, so two runs never share it), created with the umask's
-    # permissions (mkstemp would make it 0600), renamed to `path` only when complete.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.part"
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    jobs.write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
 def _check_extras(args) -> tuple[dict, dict]:

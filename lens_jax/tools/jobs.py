@@ -12,9 +12,11 @@ own job only, so it can be regenerated alone, bit for bit:
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
@@ -145,6 +147,20 @@ def generate_batch(pipe, jobs: Sequence[Job], batch_size: int,
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """float [H, W, 3] in [0, 1] -> uint8, rounded as LensPipeline's PIL output."""
     return np.round(np.asarray(image) * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(f)` into a hidden file of our own beside `path`, renamed to `path` only when complete and
+    removed on any failure. O_EXCL, so two runs never share it; created with the umask's permissions
+    (mkstemp's would be 0600, unreadable to the group and a web server)."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.part"
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def to_png_bytes(image: np.ndarray, metadata: dict | None = None) -> bytes:
