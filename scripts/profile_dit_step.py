@@ -18,6 +18,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import shutil
 import statistics
 import tempfile
@@ -53,8 +54,13 @@ def summarise(trace: dict, runs: int, top: int = 25) -> dict:
     events = trace.get("traceEvents", trace if isinstance(trace, list) else [])
     names = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device_pids = {pid for pid, n in names.items() if "/device:" in n and "cpu" not in n.lower()}
-    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    # "$file:line fn" events are the Python tracer's; "ThunkExecutor" rows nest the CPU ops.
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e
+                and not str(e.get("name", "")).startswith(("$", "ThunkExecutor"))]
+    # Accelerator lines only ("/device:GPU:0", "/device:TPU:0"); an installed libtpu adds an empty
+    # "/device:CUSTOM:..." line even on CPU, which would otherwise leave nothing to sum.
+    busy = {e.get("pid") for e in complete}
+    device_pids = {pid for pid, n in names.items() if re.search(r"/device:(GPU|TPU)", n) and pid in busy}
     if device_pids:
         complete = [e for e in complete if e.get("pid") in device_pids]
         # Device lines also hold "XLA Modules" / "XLA Ops" rows that nest the kernels: keep the streams only.

@@ -137,6 +137,25 @@ ENTRY %main (a: u8[32,16], b: f32[4,32]) -> f32[4,32] {
     assert analyse(unfused)["fused"] is False
 
 
+def test_profile_summary_picks_accelerator_streams_and_skips_python_frames():
+    from profile_dit_step import summarise
+
+    meta = lambda pid, name, tid=None: dict(ph="M", pid=pid, name="thread_name" if tid is not None else "process_name",  # noqa: E731
+                                            args=dict(name=name), **({"tid": tid} if tid is not None else {}))
+    op = lambda pid, name, dur, tid=0: dict(ph="X", pid=pid, tid=tid, name=name, dur=dur)  # noqa: E731
+    # libtpu adds an empty "/device:CUSTOM" line on CPU: the CPU ops must still be summed, without
+    # the Python tracer's "$file:line" frames.
+    cpu = [meta(1, "/device:CUSTOM:Megascale Trace"), meta(2, "/host:CPU"),
+           op(2, "$profiler.py:307 trace", 600_000.0), op(2, "ThunkExecutor::Execute", 50.0),
+           op(2, "dot_fusion", 3000.0), op(2, "copy.1", 1000.0)]
+    s = summarise(dict(traceEvents=cpu), runs=1)
+    assert s["total_ms_per_step"] == 4.0 and {k["kind"] for k in s["kinds"]} == {"gemm", "copy / transpose"}
+    gpu = [meta(3, "/device:GPU:0"), meta(3, "Stream #13(compute)", tid=13), meta(3, "XLA Ops", tid=2),
+           op(3, "sm90_xmma_gemm", 2000.0, tid=13), op(3, "fusion.7", 2000.0, tid=2)] + cpu
+    s = summarise(dict(traceEvents=gpu), runs=2)
+    assert s["source"] == "device streams" and s["total_ms_per_step"] == 1.0 and s["top"][0]["kind"] == "gemm"
+
+
 def test_dry_run_of_cheapest_step(tmp_path):
     """The same entry point the lease uses, tiny sizes on CPU, on group 2's cheapest step (the whole
     groups' dry-runs take 1-4 minutes each: `python scripts/gpu_runbook.py --dry-run --group N`)."""
