@@ -30,6 +30,7 @@ FREE_OPS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "a
 # One instruction line: "%name = <shape> <opcode>(<operands>), attrs". Shapes may be tuples "(a, b)".
 INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|[\w\[\]{},:.\s]+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 ARRAY_RE = re.compile(r"(pred|[sufb]f?\d+(?:e\d+m\d+(?:fn)?)?|bf16|f8e4m3fn|f8e5m2|f4e2m1fn)\[([\d,]*)\]")
+MODEL_FILES = ("models/transformer.py", "models/text_encoder.py", "models/vae")
 COMP_RE = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 
 
@@ -97,7 +98,7 @@ class Module:
                 path, fn, line = self.locations[loc]
                 if keep in path:
                     out.append(f"{path.split(keep, 1)[1]}:{line} {fn}")
-            frame = parent
+            frame = parent - 1  # a parent_frame_id is one more than its frame's listed id (XLA as of jax 0.10.2)
         return out
 
 
@@ -234,7 +235,7 @@ def classify(module: Module, ins: Instr, shapes: dict[str, str]) -> Kernel:
         if "gemm" in backend or "dot" in ops:
             kind = "gemm"
         elif "dynamic-slice" in ops and set(ops) <= {"dynamic-slice", "copy", "slice"}:
-            kind = "slice"
+            kind = "weight slice"
         elif backend.startswith("__triton") or fkind == "kInput":
             kind = "reduction"
         elif root in ("copy", "transpose") or set(ops) <= {"copy", "transpose"}:
@@ -243,6 +244,9 @@ def classify(module: Module, ins: Instr, shapes: dict[str, str]) -> Kernel:
             kind = "slice"
         elif fkind == "kLoop":
             kind = "elementwise"
+    elif ins.op in ("dot", "convolution"):
+        kind = "gemm"
+        flops = _dot_flops(ins, shapes)
     elif ins.op in ("copy", "transpose"):
         kind = "layout"
     elif ins.op in ("dynamic-slice", "dynamic-update-slice", "slice"):
@@ -254,13 +258,15 @@ def classify(module: Module, ins: Instr, shapes: dict[str, str]) -> Kernel:
     for f in frames:
         src = module.source(f)
         if src:
-            # the innermost lens_jax frame and, when that is a helper, the first models/transformer.py frame
-            tag = src[0]
-            model = next((s for s in src if s.startswith("models/transformer.py") or s.startswith("models/text_encoder.py")), None)
-            if model and model != tag:
-                tag = f"{model} -> {tag}"
+            # the innermost model frame (transformer.py / text_encoder.py), then the innermost lens_jax helper
+            model = next((s for s in src if s.startswith(MODEL_FILES)), None)
+            tag = model or src[0]
+            if model and src[0] != model:
+                tag = f"{model} ({src[0]})"
             if tag not in sources:
                 sources.append(tag)
+    loop = [t for t in sources if "scan_layers" in t]  # the layer loop's own frame: only when nothing else
+    sources = [t for t in sources if "scan_layers" not in t] or loop
     return Kernel(ins.name, kind, flops, nbytes, ins.shape, sources, ops)
 
 

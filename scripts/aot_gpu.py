@@ -16,7 +16,10 @@ host (`gpu_host()`: cuDNN attention, the GPU MoE dispatch, donated latents). Not
 - `memory`: peak device memory per offload mode (`none`, `text_encoder`, `all`): the text encoder's
   program (plus the DiT and VAE parameters that stay on the device while it runs) and the sampler's
   (CFG 20 steps and Turbo 4 steps, with the VAE decode) at each size; XLA's static estimate
-  (`memory_analysis()`: arguments + outputs - aliased + temporaries, device memory only).
+  (`memory_analysis()`: arguments + outputs - aliased + temporaries, device memory only). The
+  deviceless GPU target has no host memory space (jax 0.10.2), so offloaded parameters compile as
+  device arguments; their bytes are moved to the "host" column here, and the temporaries are those of
+  the program without host placement (the layer loop copies one layer's weights either way).
 - `dit-step`: one DiT forward (one CFG step: batch 2, `--dit-text-tokens` text tokens) at each size:
   the optimised HLO's kernels per block (scripts/_hlo_kernels.py: GEMMs, attention, elementwise and
   reduction fusions, layout copies, slices), where each non-GEMM kernel comes from in lens_jax, and a
@@ -156,6 +159,28 @@ def _bytes(tree) -> int:
     return sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
+def dit_host_gib(configs, mode: str) -> float:
+    """DiT parameters the pipeline keeps in pinned host memory under `mode`."""
+    from lens_jax.models import transformer as dit
+
+    blocks = jax.eval_shape(lambda: dit.init_params(configs["dit"], jax.random.key(0), jnp.bfloat16))["transformer_blocks"]
+    if mode == "all":
+        return _bytes(blocks) / GIB
+    if mode == "text_encoder":  # lens_jax.sampling.modulation.on_host moves the modulation kernels
+        return _bytes([blocks[k]["kernel"] for k in dit.MODULATION_KEYS]) / GIB
+    return 0.0
+
+
+def text_encoder_host_gib(configs, mode: str) -> float:
+    """Text-encoder parameters (its decoder layers, MXFP4-packed) in pinned host memory under `mode`."""
+    from lens_jax.models import text_encoder as te
+
+    if mode == "none":
+        return 0.0
+    config = configs["te"].truncated(max(configs["dit"].selected_layer_index) + 1)
+    return _bytes(jax.eval_shape(lambda: te.init_params(config, jax.random.key(0), jnp.bfloat16, packed=True))["layers"]) / GIB
+
+
 def resident_gib(configs, mode: str) -> float:
     """DiT + VAE parameters on the device while the text encoder runs (the pipeline keeps them loaded)."""
     from lens_jax.models import transformer as dit
@@ -164,14 +189,16 @@ def resident_gib(configs, mode: str) -> float:
     key = jax.random.key(0)
     dit_abs = jax.eval_shape(lambda: dit.init_params(configs["dit"], key, jnp.bfloat16))
     vae_abs = jax.eval_shape(lambda: vae_lib.init_params(configs["vae"], key, jnp.bfloat16))
-    blocks = dit_abs["transformer_blocks"]
-    if mode == "all":
-        off = _bytes(blocks)
-    elif mode == "text_encoder":
-        off = _bytes([blocks[k]["kernel"] for k in dit.MODULATION_KEYS])  # modulation.on_host moves the kernels
-    else:
-        off = 0
-    return (_bytes(dit_abs) - off + _bytes(vae_abs)) / GIB
+    return (_bytes(dit_abs) + _bytes(vae_abs)) / GIB - dit_host_gib(configs, mode)
+
+
+def _on_host(mem: Mem, host: float) -> Mem:
+    """`mem` with `host` GiB of its arguments moved to host memory. The deviceless GPU target's devices have no
+    memory spaces (jax 0.10.2: `addressable_memories()` is empty, `with_memory_kind("pinned_host")` yields
+    None), so XLA compiles offloaded parameters as device arguments; the pipeline's placement is applied here."""
+    if mem.host or not host:
+        return mem
+    return Mem(mem.args - host, mem.temp, host)
 
 
 def memory_rows(configs, mesh, sizes, modes, text_tokens: int, batch: int, hbm: float):
@@ -182,7 +209,8 @@ def memory_rows(configs, mesh, sizes, modes, text_tokens: int, batch: int, hbm: 
     peaks: dict[tuple, float] = {}
     for mode in modes:
         t0 = time.perf_counter()
-        te = Mem.of(aot_tpu.compile_text_encoder(configs, mesh, text_tokens, 2, offload=mode != "none"))
+        te = _on_host(Mem.of(aot_tpu.compile_text_encoder(configs, mesh, text_tokens, 2, offload=mode != "none")),
+                      text_encoder_host_gib(configs, mode))
         res = resident_gib(configs, mode)
         phase_te = te.total + res
         print(f"| {mode} | text encoding | text encoder 2 x {text_tokens} tokens (+ {res:.2f} DiT/VAE resident) | "
@@ -194,7 +222,7 @@ def memory_rows(configs, mesh, sizes, modes, text_tokens: int, batch: int, hbm: 
                 t0 = time.perf_counter()
                 compiled = aot_tpu.compile_sampler(configs, mesh, size, cfg, steps, text_tokens, batch, sampler_mode)
                 parts = compiled if isinstance(compiled, list) else [compiled]
-                mems = [Mem.of(p) for p in parts]
+                mems = [_on_host(Mem.of(p), dit_host_gib(configs, mode) if i == 0 else 0.0) for i, p in enumerate(parts)]
                 total = max(m.total for m in mems)
                 for i, m in enumerate(mems):
                     what = f"sampler {size}² {label}" + (" + decode" if len(mems) == 1 else
@@ -245,7 +273,7 @@ def dit_step_report(configs, device, size: int, text_tokens: int, peak: float, b
     print(f"\n### DiT step {size}², batch 2 (one CFG step), {text_tokens} text tokens, bf16 "
           f"(compile {seconds:.1f} s; args {mem.args:.2f} GiB, temp {mem.temp:.2f} GiB)\n")
     print(f"XLA HloCostAnalysis of the optimised module: {xla.get('flops', float('nan')) / 1e12:.1f} TFLOP "
-          f"(the cuDNN attention custom call counts 0), {xla.get('bytes accessed', float('nan')) / 1e9:.1f} GB accessed; "
+          f"(the layer loop's body counted once, the cuDNN attention custom call as 0), {xla.get('bytes accessed', float('nan')) / 1e9:.1f} GB accessed; "
           f"custom calls: {sorted({i.attr('custom_call_target') for c in module.computations.values() for i in c if i.op == 'custom-call'})}")
     kinds: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     for k in per_block:
