@@ -173,8 +173,10 @@ def _dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
         return 0.0
     lhs = dims_of(shapes[ops[0]])
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
+    if m is None:  # a cuBLAS custom call keeps its dimension numbers in the backend config
+        m = re.search(r'"lhs_contracting_dimensions":\[([\d",]*)\]', ins.rest)
     k = 1
-    for d in (m.group(1).split(",") if m else []):
+    for d in (m.group(1).replace('"', "").split(",") if m else []):
         if d:
             k *= lhs[int(d)]
     n = 1
@@ -225,8 +227,7 @@ def classify(module: Module, ins: Instr, shapes: dict[str, str]) -> Kernel:
         nbytes = shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in ins.operands[:3])
     elif ins.op == "custom-call" and ("gemm" in target or "matmul" in target):
         kind = "gemm"
-        flops = _dot_flops(Instr(ins.name, ins.shape.split(",")[0] if ins.shape.startswith("(") else ins.shape,
-                                 "dot", ins.rest), shapes)
+        flops = _dot_flops(ins, shapes)  # the result is the tuple's first array (then the workspace)
     elif ins.op == "fusion":
         fkind = ins.attr("kind")
         backend = re.search(r'"kind":"([^"]+)"', ins.rest)
