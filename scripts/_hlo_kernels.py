@@ -162,6 +162,7 @@ class Kernel:
     out_shape: str
     sources: list[str] = field(default_factory=list)
     ops: collections.Counter = field(default_factory=collections.Counter)  # opcodes fused inside
+    count: int = 1  # launches per run of the computation it was listed for (nested loops)
 
     def roofline_ms(self, peak_flops: float, bandwidth: float) -> float:
         return 1e3 * max(self.flops / peak_flops, self.bytes / bandwidth)
@@ -215,6 +216,10 @@ def classify(module: Module, ins: Instr, shapes: dict[str, str]) -> Kernel:
     inner = {i.name: i.shape for i in body}
     ops = collections.Counter(i.op for i in body if i.op not in FREE_OPS)
     nbytes = shape_bytes(ins.shape) + _operand_bytes(ins, body, shapes)
+    if body and body[-1].op == "dynamic-update-slice":  # in place: reads and writes the update, not the buffer
+        buffer = shape_bytes(body[-1].shape)
+        update = shape_bytes(inner.get(body[-1].operands[1], "")) if len(body[-1].operands) > 1 else 0.0
+        nbytes = max(nbytes - 2 * buffer, 0.0) + 2 * update
     flops = sum(_dot_flops(i, inner) for i in body if i.op == "dot")
     target = ins.attr("custom_call_target") or ""
     kind = "other"
@@ -271,15 +276,50 @@ def classify(module: Module, ins: Instr, shapes: dict[str, str]) -> Kernel:
     return Kernel(ins.name, kind, flops, nbytes, ins.shape, sources, ops)
 
 
-def kernels(module: Module, computation: str) -> list[Kernel]:
-    """The kernels one computation launches, in schedule order (free instructions dropped)."""
+def kernels(module: Module, computation: str, peak: float = 989e12, bandwidth: float = 3.35e12,
+            skip: str | None = None) -> list[Kernel]:
+    """The kernels one run of a computation launches, in schedule order (free instructions dropped).
+
+    Nested control flow is expanded: a while loop's body kernels repeat `trip_count` times (listed
+    once with `count` set; 1 when XLA does not know the count), a call's kernels are listed, and of a
+    conditional's branches the costliest one by roofline (`peak`, `bandwidth`) is listed. The loop whose
+    body is `skip` is left out (a layer loop reported on its own).
+    """
     body = module.computations[computation]
     shapes = {i.name: i.shape for i in body}
-    return [classify(module, i, shapes) for i in body if i.op not in FREE_OPS and i.op not in ("while", "conditional", "call")]
+    out: list[Kernel] = []
+    for i in body:
+        if i.op == "while":
+            name = (i.attr("body") or "").lstrip("%")
+            if name == skip:
+                continue
+            n = trip_count(module, name) or 1
+            for k in kernels(module, name, peak, bandwidth, skip):
+                k.count *= n
+                out.append(k)
+        elif i.op == "call":
+            out.extend(kernels(module, (i.attr("to_apply") or "").lstrip("%"), peak, bandwidth, skip))
+        elif i.op == "conditional":
+            names = re.findall(r"(?:true_computation|false_computation)=%([\w.\-]+)", i.rest)
+            m = re.search(r"branch_computations=\{([^}]*)\}", i.rest)
+            names += re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
+            branches = [kernels(module, n, peak, bandwidth, skip) for n in names if n in module.computations]
+            if branches:
+                out.extend(max(branches, key=lambda ks: sum(k.count * k.roofline_ms(peak, bandwidth) for k in ks)))
+        elif i.op not in FREE_OPS:
+            out.append(classify(module, i, shapes))
+    return out
+
+
+def layer_loop(module: Module, layers: int | None = None) -> str | None:
+    """The body of the program's layer loop: the first while loop with `layers` iterations (else the first)."""
+    loops = [b for _, b in while_bodies(module)]
+    exact = [b for b in loops if layers and trip_count(module, b) == layers]
+    return (exact or loops or [None])[0]
 
 
 def while_bodies(module: Module) -> list[tuple[str, str]]:
-    """(while instruction's computation, body computation name) for every while loop, outermost first."""
+    """(while instruction's computation, body computation name) for every while loop, in text order."""
     out = []
     for comp, body in module.computations.items():
         for i in body:

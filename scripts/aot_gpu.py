@@ -24,6 +24,7 @@ host (`gpu_host()`: cuDNN attention, the GPU MoE dispatch, donated latents). Not
   the optimised HLO's kernels per block (scripts/_hlo_kernels.py: GEMMs, attention, elementwise and
   reduction fusions, layout copies, slices), where each non-GEMM kernel comes from in lens_jax, and a
   roofline lower bound of the step (989 TFLOP/s dense bf16, 3.35 TB/s) by kind of kernel.
+- `text-step`: the same kernel reading for the GPT-OSS text encoder (2 x `--te-text-tokens` tokens).
 - `mxfp4`: scripts/check_mxfp4_fusion.py's question (is the MXFP4 decode fused into the expert
   GEMMs?) for one real-width GPT-OSS MoE layer, each dispatch, compiled for the target.
 
@@ -92,7 +93,7 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 # name -> (target config, dense bf16 peak FLOP/s, memory bandwidth B/s); public specifications.
 TARGETS = {"h100": (H100_SXM, 989e12, 3.35e12)}
 MODES = ("none", "text_encoder", "all")
-PROGRAMS = ("memory", "dit-step", "mxfp4")
+PROGRAMS = ("memory", "dit-step", "text-step", "mxfp4")
 
 
 @contextlib.contextmanager
@@ -272,58 +273,67 @@ def dit_step_report(configs, device, size: int, text_tokens: int, peak: float, b
     """Kernels of one DiT step's optimised HLO: per block (the layer loop's body) and outside it."""
     t0 = time.perf_counter()
     compiled = compile_dit_step(configs, device, size, text_tokens)
-    seconds = time.perf_counter() - t0
+    title = f"DiT step {size}², batch 2 (one CFG step), {text_tokens} text tokens, bf16"
+    return kernel_report(compiled, title, time.perf_counter() - t0, configs["dit"].num_layers, peak, bandwidth,
+                         dump, top)
+
+
+def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: float, bandwidth: float,
+                  dump: str | None = None, top: int = 12) -> dict:
+    """Kernels of a compiled program with one layer loop: per layer (the loop's body) and outside it."""
     text = compiled.as_text()
     if dump:
         Path(dump).write_text(text)
     module = hk.parse(text)
     xla = cost(compiled)
-    loops = hk.while_bodies(module)
-    body = loops[0][1] if loops else None
-    layers = (hk.trip_count(module, body) or configs["dit"].num_layers) if body else 0
-    per_block = hk.kernels(module, body) if body else []
-    outside = hk.kernels(module, module.entry)
+    body = hk.layer_loop(module, num_layers)
+    layers = (hk.trip_count(module, body) or num_layers) if body else 0
+    per_block = hk.kernels(module, body, peak, bandwidth) if body else []
+    outside = hk.kernels(module, module.entry, peak, bandwidth, skip=body)
     mem = Mem.of(compiled)
-    print(f"\n### DiT step {size}², batch 2 (one CFG step), {text_tokens} text tokens, bf16 "
-          f"(compile {seconds:.1f} s; args {mem.args:.2f} GiB, temp {mem.temp:.2f} GiB)\n")
+    print(f"\n### {title} (compile {seconds:.1f} s; args {mem.args:.2f} GiB, temp {mem.temp:.2f} GiB)\n")
     print(f"XLA HloCostAnalysis of the optimised module: {xla.get('flops', float('nan')) / 1e12:.1f} TFLOP "
-          f"(the layer loop's body counted once, the cuDNN attention custom call as 0), {xla.get('bytes accessed', float('nan')) / 1e9:.1f} GB accessed; "
-          f"custom calls: {sorted({i.attr('custom_call_target') for c in module.computations.values() for i in c if i.op == 'custom-call'})}")
+          f"(loop bodies counted once, cuDNN custom calls as 0), {xla.get('bytes accessed', float('nan')) / 1e9:.1f} GB "
+          f"accessed; custom calls: "
+          f"{sorted({i.attr('custom_call_target') for c in module.computations.values() for i in c if i.op == 'custom-call'})}")
     kinds: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     for k in per_block:
         row = kinds[k.kind]
-        row[0] += 1
-        row[1] += k.flops
-        row[2] += k.bytes
-        row[3] += k.roofline_ms(peak, bandwidth)
-    out_ms = sum(k.roofline_ms(peak, bandwidth) for k in outside)
+        row[0] += k.count
+        row[1] += k.count * k.flops
+        row[2] += k.count * k.bytes
+        row[3] += k.count * k.roofline_ms(peak, bandwidth)
+    out_ms = sum(k.count * k.roofline_ms(peak, bandwidth) for k in outside)
     block_ms = sum(r[3] for r in kinds.values())
     total = layers * block_ms + out_ms
-    flops = layers * sum(k.flops for k in per_block) + sum(k.flops for k in outside)
-    print(f"\n{len(per_block)} kernels per block x {layers} blocks + {len(outside)} outside the layer loop; "
-          f"matmul + attention FLOPs {flops / 1e12:.1f} TFLOP; roofline lower bound of the step {total:.1f} ms "
+    flops = layers * sum(k.count * k.flops for k in per_block) + sum(k.count * k.flops for k in outside)
+    launches = sum(k.count for k in per_block)
+    print(f"\n{launches} kernel launches per layer x {layers} layers + {sum(k.count for k in outside)} outside the layer "
+          f"loop; matmul + attention FLOPs {flops / 1e12:.1f} TFLOP; roofline lower bound {total:.1f} ms "
           f"({peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.2f} TB/s)\n")
-    print("| kind (per block) | kernels | GFLOP | MB moved | roofline ms per step (x blocks) | share |")
+    print("| kind (per layer) | launches | GFLOP | MB moved | roofline ms (x layers) | share |")
     print("|---|---|---|---|---|---|")
     for kind, (n, f, b, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][3]):
         print(f"| {kind} | {n} | {f / 1e9:.1f} | {b / 1e6:.0f} | {layers * ms:.2f} | {100 * layers * ms / total:.1f} % |")
-    print(f"| outside the loop (embeddings, final norm, proj_out) | {len(outside)} | | | {out_ms:.2f} | "
+    print(f"| outside the layer loop | {sum(k.count for k in outside)} | | | {out_ms:.2f} | "
           f"{100 * out_ms / total:.1f} % |")
-    print("\nNon-GEMM kernels of one block, largest first (roofline µs; where lens_jax's source puts the fused ops):\n")
+    print("\nNon-GEMM kernels of one layer, largest first (roofline µs; where lens_jax's source puts the fused ops):\n")
     print("| kind | µs | MB | result | fused ops | source (model frame -> innermost lens_jax frame) |")
     print("|---|---|---|---|---|---|")
     rest = sorted((k for k in per_block if k.kind not in ("gemm", "attention")),
-                  key=lambda k: -k.roofline_ms(peak, bandwidth))
+                  key=lambda k: -k.count * k.roofline_ms(peak, bandwidth))
     for k in rest[:top]:
         ops = ", ".join(f"{o} {n}" for o, n in k.ops.most_common(6))
-        print(f"| {k.kind} | {1e3 * k.roofline_ms(peak, bandwidth):.1f} | {k.bytes / 1e6:.1f} | {k.out_shape.split('{')[0]} | "
-              f"{ops} | {'; '.join(k.sources[:3])} |")
-    print("\nGEMMs and attention of one block:\n\n| kind | µs | GFLOP | MB | result | source |\n|---|---|---|---|---|---|")
+        times = f" (x{k.count})" if k.count > 1 else ""
+        print(f"| {k.kind} | {1e3 * k.roofline_ms(peak, bandwidth):.1f}{times} | {k.bytes / 1e6:.1f} | "
+              f"{k.out_shape.split('{')[0]} | {ops} | {'; '.join(k.sources[:3])} |")
+    print("\nGEMMs and attention of one layer:\n\n| kind | µs | GFLOP | MB | result | source |\n|---|---|---|---|---|---|")
     for k in per_block:
         if k.kind in ("gemm", "attention"):
-            print(f"| {k.kind} | {1e3 * k.roofline_ms(peak, bandwidth):.1f} | {k.flops / 1e9:.1f} | {k.bytes / 1e6:.0f} | "
-                  f"{k.out_shape.split('{')[0]} | {'; '.join(k.sources[:2])} |")
-    return dict(size=size, kernels_per_block=len(per_block), roofline_ms=total, kinds=dict(kinds))
+            times = f" (x{k.count})" if k.count > 1 else ""
+            print(f"| {k.kind} | {1e3 * k.roofline_ms(peak, bandwidth):.1f}{times} | {k.flops / 1e9:.1f} | "
+                  f"{k.bytes / 1e6:.0f} | {k.out_shape.split('{')[0]} | {'; '.join(k.sources[:2])} |")
+    return dict(kernels_per_layer=launches, roofline_ms=total, kinds=dict(kinds))
 
 
 def mxfp4_report(device, width: int, tokens: int, impls) -> None:
@@ -358,6 +368,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-tokens", type=int, default=192, help="text bucket of the sampler and the encoder")
     ap.add_argument("--dit-text-tokens", type=int, default=512,
                     help="text tokens of `dit-step` (512: scripts/benchmark_transformer.py's workload)")
+    ap.add_argument("--te-text-tokens", type=int, default=512,
+                    help="text tokens per row of `text-step` (512: scripts/benchmark_text_encoder.py's workload)")
     ap.add_argument("--moe-width", type=int, default=2880)
     ap.add_argument("--moe-tokens", type=int, default=1024)
     ap.add_argument("--moe-impls", nargs="+", default=["dense", "ragged", "grouped"])
@@ -381,6 +393,13 @@ def main(argv=None) -> int:
             for size in args.sizes:
                 dit_step_report(configs, device, size, args.dit_text_tokens, peak, bandwidth,
                                 f"{args.dump}.{size}" if args.dump else None)
+        if "text-step" in args.programs:
+            t0 = time.perf_counter()
+            compiled = aot_tpu.compile_text_encoder(configs, mesh, args.te_text_tokens, 2)
+            kernel_report(compiled, f"text encoder, 2 x {args.te_text_tokens} tokens (one CFG pair), MXFP4-packed "
+                          "experts, bf16, layers up to the last selected one", time.perf_counter() - t0,
+                          max(configs["dit"].selected_layer_index) + 1, peak, bandwidth,
+                          f"{args.dump}.text" if args.dump else None)
         if "mxfp4" in args.programs:
             mxfp4_report(device, args.moe_width, args.moe_tokens, args.moe_impls)
     return 0
