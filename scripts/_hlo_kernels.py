@@ -300,14 +300,37 @@ def kernels(module: Module, computation: str, peak: float = 989e12, bandwidth: f
         elif i.op == "call":
             out.extend(kernels(module, (i.attr("to_apply") or "").lstrip("%"), peak, bandwidth, skip))
         elif i.op == "conditional":
-            names = re.findall(r"(?:true_computation|false_computation)=%([\w.\-]+)", i.rest)
-            m = re.search(r"branch_computations=\{([^}]*)\}", i.rest)
-            names += re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
-            branches = [kernels(module, n, peak, bandwidth, skip) for n in names if n in module.computations]
+            branches = [kernels(module, n, peak, bandwidth, skip) for n in branch_names(module, i)]
             if branches:
                 out.extend(max(branches, key=lambda ks: sum(k.count * k.roofline_ms(peak, bandwidth) for k in ks)))
         elif i.op not in FREE_OPS:
             out.append(classify(module, i, shapes))
+    return out
+
+
+def branch_names(module: Module, ins: Instr) -> list[str]:
+    """The branch computations of a conditional, in the order the HLO names them."""
+    names = re.findall(r"(?:true_computation|false_computation)=%([\w.\-]+)", ins.rest)
+    m = re.search(r"branch_computations=\{([^}]*)\}", ins.rest)
+    names += re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
+    return [n for n in names if n in module.computations]
+
+
+def conditionals(module: Module, computation: str, peak: float = 989e12, bandwidth: float = 3.35e12):
+    """Per conditional of a computation: [(branch, roofline ms of one run, kernel launches, first source)].
+
+    `kernels` keeps the costliest branch; this shows what the others would cost (which branch runs is
+    decided by data at run time)."""
+    out = []
+    for i in module.computations[computation]:
+        if i.op != "conditional":
+            continue
+        rows = []
+        for name in branch_names(module, i):
+            ks = kernels(module, name, peak, bandwidth)
+            src = next((sr for k in ks for sr in k.sources), "")
+            rows.append((name, sum(k.count * k.roofline_ms(peak, bandwidth) for k in ks), sum(k.count for k in ks), src))
+        out.append((i.name, rows))
     return out
 
 

@@ -317,6 +317,9 @@ def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: f
         print(f"| {kind} | {n} | {f / 1e9:.1f} | {b / 1e6:.0f} | {layers * ms:.2f} | {100 * layers * ms / total:.1f} % |")
     print(f"| outside the layer loop | {sum(k.count for k in outside)} | | | {out_ms:.2f} | "
           f"{100 * out_ms / total:.1f} % |")
+    for name, rows in (hk.conditionals(module, body, peak, bandwidth) if body else []):
+        print(f"Conditional {name} in the layer loop (the costliest branch is counted above): " + "; ".join(
+            f"{b}: {1e3 * ms:.0f} µs, {n} launches ({src or '-'})" for b, ms, n, src in rows))
     print("\nNon-GEMM kernels of one layer, largest first (roofline µs; where lens_jax's source puts the fused ops):\n")
     print("| kind | µs | MB | result | fused ops | source (model frame -> innermost lens_jax frame) |")
     print("|---|---|---|---|---|---|")
