@@ -4,7 +4,8 @@ Needs the CUDA plugin and the CUDA compiler pieces in the environment (NOT the p
 docs/aot_gpu.md gives the setup):
 
     python3.11 -m venv /work/venv-cuda && . /work/venv-cuda/bin/activate
-    pip install "jax==0.10.2" "jax-cuda12-plugin[with-cuda]==0.10.2" "jax-cuda12-pjrt==0.10.2" && pip install -e .
+    pip install "jax==0.10.2" "jaxlib==0.10.2" "jax-cuda12-plugin[with-cuda]==0.10.2" "jax-cuda12-pjrt==0.10.2"
+    pip install -e .   # with jax held at 0.10.2 (pip -c a constraints file)
 
 XLA:GPU compiles for a device it does not have from a target description (`GpuTargetConfig`:
 compute capability, SM count, memory, cuDNN / CUDA versions; `TARGETS`), through
@@ -28,12 +29,13 @@ host (`gpu_host()`: cuDNN attention, the GPU MoE dispatch, donated latents). Not
 - `mxfp4`: scripts/check_mxfp4_fusion.py's question (is the MXFP4 decode fused into the expert
   GEMMs?) for one real-width GPT-OSS MoE layer, each dispatch, compiled for the target.
 
-FLOPs and bytes come from XLA's HloCostAnalysis run on the GPU-optimised module (the compiled GPU
-executable itself does not implement cost_analysis()). Without a device XLA does not autotune: GEMMs
+Per-kernel FLOPs and bytes are read from the optimised HLO (scripts/_hlo_kernels.py); the totals XLA's
+HloCostAnalysis gives (run by the CPU client on the GPU-optimised module: the compiled GPU executable
+does not implement cost_analysis()) count loop bodies once. Without a device XLA does not autotune: GEMMs
 get Triton's default tiles instead of the autotuned choice between Triton and cuBLAS, so the kernel
 structure is the compiler's, the GEMM tiling is not what a real H100 would run.
 
-    python scripts/aot_gpu.py                                   # memory, dit-step and mxfp4 at 1024 and 1440
+    python scripts/aot_gpu.py                                   # every program, 1024² and 1440² (~2-3 min)
     python scripts/aot_gpu.py --programs dit-step --sizes 1024 --dump /tmp/dit_step.hlo.txt
     python scripts/aot_gpu.py --programs memory --sizes 1024 --modes none all
     python scripts/aot_gpu.py --config tiny --sizes 64 --text-tokens 64 --programs memory dit-step
