@@ -52,7 +52,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compile-only client; no CUDA driver is needed
+if "jax" not in sys.modules:  # run as a script: the compile-only client, no CUDA driver needed (imported: leave it)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
