@@ -60,10 +60,31 @@ def analyse(hlo: str) -> dict:
     gemms = {n: b for n, b in comps.items() if is_gemm(b)}
     fused = sorted(n for n, b in gemms.items() if decodes_packed(b))
     decode_elsewhere = sorted(n for n, b in comps.items() if n not in gemms and decodes_packed(b))
-    triton = sorted(n for n, b in comps.items() if "__triton_gemm" in b)  # callers of Triton GEMM fusions
+    triton = sorted(n for n, b in comps.items() if "__triton_gemm" in b or "__triton_nested_gemm" in b)  # callers
     return dict(fused=bool(fused), gemm_computations=len(gemms), fused_in=fused[:8],
                 decode_outside_gemm=decode_elsewhere[:8], triton_gemm_fusions=len(triton),
                 computations=len(comps))
+
+
+def moe_layer(width: int, tokens: int, dtype):
+    """One GPT-OSS MoE layer with MXFP4-packed experts: (layer(x, experts, router, impl), abstract (x, experts, router))."""
+    import jax
+
+    from lens_jax.models import text_encoder as T
+
+    cfg = T.TextEncoderConfig(vocab_size=16, hidden_size=width, intermediate_size=width, num_hidden_layers=1,
+                              num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                              num_experts_per_tok=4, sliding_window=128, layer_types=(T.SLIDING,))
+    experts = jax.eval_shape(lambda k: T.init_params(cfg, k, dtype, packed=True), jax.random.key(0))["layers"]["mlp"]["experts"]
+    router = {"kernel": jax.ShapeDtypeStruct((width, cfg.num_local_experts), dtype),
+              "bias": jax.ShapeDtypeStruct((cfg.num_local_experts,), dtype)}
+    x = jax.ShapeDtypeStruct((tokens, width), dtype)
+
+    def layer(x, experts, router, impl):
+        weights, idx = T.route(x, router, cfg.num_experts_per_tok)
+        return T.moe(x, experts, 0, weights, idx, cfg, impl)
+
+    return layer, (x, experts, router)
 
 
 def main() -> int:
@@ -79,22 +100,10 @@ def main() -> int:
     import jax
     import jax.numpy as jnp
 
-    from lens_jax.models import text_encoder as T
-
     backend = jax.default_backend()
     dtype = jnp.dtype({"f32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype or ("f32" if backend == "cpu" else "bf16")])
     w = args.width
-    cfg = T.TextEncoderConfig(vocab_size=16, hidden_size=w, intermediate_size=w, num_hidden_layers=1,
-                              num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
-                              num_experts_per_tok=4, sliding_window=128, layer_types=(T.SLIDING,))
-    experts = jax.eval_shape(lambda k: T.init_params(cfg, k, dtype, packed=True), jax.random.key(0))["layers"]["mlp"]["experts"]
-    router = {"kernel": jax.ShapeDtypeStruct((w, cfg.num_local_experts), dtype),
-              "bias": jax.ShapeDtypeStruct((cfg.num_local_experts,), dtype)}
-    x = jax.ShapeDtypeStruct((args.tokens, w), dtype)
-
-    def layer(x, experts, router, impl):
-        weights, idx = T.route(x, router, cfg.num_experts_per_tok)
-        return T.moe(x, experts, 0, weights, idx, cfg, impl)
+    layer, (x, experts, router) = moe_layer(w, args.tokens, dtype)
 
     print(f"jax {jax.__version__} ({backend}, {jax.devices()[0].device_kind}), {dtype.name}, width {w}, "
           f"{args.tokens} tokens, MXFP4-packed experts", flush=True)
