@@ -34,6 +34,7 @@ from ..models import lora as lora_lib
 from ..models import transformer as dit
 from .config import LoraConfig, ModelConfig, OptimConfig, TimestepConfig, TrainConfig
 from .objective import TimestepSampler, flow_matching_loss, sample_sigmas
+from .results import write_run_info
 
 __all__ = ["Trainer", "StepSpec", "make_optimizer", "learning_rate_schedule", "make_train_step", "train_step",
            "step_flops", "init_state"]
@@ -309,6 +310,8 @@ class Trainer:
     def _writers(self) -> _Writers:
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:  # the DiT config, so that results.load_trained can export the run
+            write_run_info(out, self.dit_config)
         tb = None
         if self.cfg.train.tensorboard and jax.process_index() == 0:
             try:

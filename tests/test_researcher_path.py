@@ -1,0 +1,137 @@
+"""The JAX researcher's path through the public API: each test is a defect found walking it.
+
+Tiny configs, module-scoped fixtures; every check here failed before its fix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lens_jax.lora as lora
+import lens_jax.transformer as T
+from lens_jax.errors import CheckpointError, CheckpointNotFoundError
+from lens_jax.training import load_trained
+from lens_jax.training.data import CachedBatches
+from lens_jax.training.trainer import Trainer
+
+from . import test_training, train_check
+from .conftest import FIXTURES
+
+TINY = FIXTURES / "tiny_lens"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return train_check.tiny()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return test_training.write_cache(tmp_path_factory.mktemp("cache"), 4)
+
+
+def _run(tiny, cache, out, **sections):
+    """A run folder as a Trainer leaves it, with checkpoints at steps 1 and 2 holding perturbed
+    (recognisable) trained trees; no train step is compiled (that is test_training's business)."""
+    config, params = tiny
+    cfg = train_check.make_cfg(str(out), **sections)
+    trainer = Trainer(cfg, config, params, CachedBatches(cache, 2, 0, 4))
+    trainer.fit(stop_at=0)  # writes the run's files, trains nothing
+    states = {}
+    for step in (1, 2):
+        state = dict(trainer.state, step=jnp.asarray(step, jnp.int32),
+                     params=jax.tree.map(lambda x: x + 0.25 * step, trainer.state["params"]))
+        if "ema" in state:
+            state["ema"] = jax.tree.map(lambda x: x - 0.5 * step, state["params"])
+        trainer.save(state, {"next_index": step}, wait=True)
+        states[step] = state
+    trainer.close()
+    return cfg, states[2]
+
+
+def _host(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+# ----------------------------------------------------------------------------- a run's weights, read back
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_run")
+    cfg, state = _run(tiny, cache, out, lora={"enabled": True, "rank": 4, "alpha": 2.0})
+    return out, cfg, state
+
+
+def test_load_trained_lora_is_the_trained_adapter(tiny, lora_run, tmp_path):
+    """Before: nothing read a run's weights back (the docs promised PEFT/kohya/comfy adapters and a
+    PyTorch export of a run, but only orbax train states were written)."""
+    config, params = tiny
+    out, cfg, state = lora_run
+    run = load_trained(out, config=cfg)
+    assert run.step == 2 and run.params is None and run.dit_config == config
+    assert sorted(run.adapter) == sorted(state["params"])
+    for path, w in run.adapter.items():
+        want = state["params"][path]
+        assert w.alpha == want.alpha == (2.0,) * config.num_layers, path
+        np.testing.assert_array_equal(w.lora_A, np.asarray(want.lora_A))
+        np.testing.assert_array_equal(w.lora_B, np.asarray(want.lora_B))
+    assert load_trained(out, step=1, config=cfg).step == 1
+    # The adapter goes to a file and back bit for bit, and merges like the live one.
+    back = lora.load(lora.save(run.adapter, tmp_path / "a.safetensors", format="kohya"), config)
+    for a, b in zip(_host(run.adapter), _host(back)):
+        np.testing.assert_array_equal(a, b)
+    merged = run.merged_params(params)
+    want = lora.merge(params, state["params"], cfg.lora.multiplier)
+    for a, b in zip(_host(merged), _host(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_writes_the_final_adapter(tiny, lora_run, tmp_path):
+    """`lens-jax train` with lora.enabled writes lora.safetensors (PEFT) beside the checkpoints."""
+    from lens_jax.tools import train as train_tool
+
+    config, _ = tiny
+    _, cfg, state = lora_run
+    cfg = train_check.make_cfg(str(tmp_path), lora={"enabled": True, "rank": 4, "alpha": 2.0})
+    path = train_tool.write_adapter(cfg, state)
+    assert path == tmp_path / "lora.safetensors"
+    back = lora.load(path, config)
+    assert lora.detect_format(list(lora.state_dict(back, "peft"))) == "peft"
+    for a, b in zip(_host(back), _host(state["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_trained_full_exports_to_pytorch_layout(tiny, cache, tmp_path):
+    from safetensors.numpy import load_file
+
+    config, _ = tiny
+    cfg, state = _run(tiny, cache, tmp_path / "run", optim={"ema_decay": 0.5})
+    run = load_trained(tmp_path / "run", config=cfg)
+    assert run.adapter is None and run.ema and run.step == 2
+    for a, b in zip(_host(run.params), _host(state["ema"])):
+        np.testing.assert_array_equal(a, b)
+    raw = load_trained(tmp_path / "run", ema=False, config=cfg)
+    for a, b in zip(_host(raw.params), _host(state["params"])):
+        np.testing.assert_array_equal(a, b)
+    folder = T.export_diffusers(run.params, run.dit_config, tmp_path / "transformer")
+    sd = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    want = T.to_torch_state_dict(run.params, config)
+    assert sorted(sd) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(sd[k], want[k], err_msg=k)
+
+
+def test_load_trained_names_what_is_missing(lora_run, tmp_path):
+    out, cfg, _ = lora_run
+    with pytest.raises(CheckpointNotFoundError, match="config.json"):
+        load_trained(out)  # a Trainer run from Python writes no config.json: pass config=
+    with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint for step 7 .* steps \[1, 2\]"):
+        load_trained(out, step=7, config=cfg)
+    with pytest.raises(CheckpointError, match="no EMA"):
+        load_trained(out, ema=True, config=cfg)
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        load_trained(tmp_path / "nothing", config=cfg)
