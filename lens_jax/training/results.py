@@ -101,7 +101,8 @@ def _restore(state_dir: Path, key: str) -> Params:
     import orbax.checkpoint as ocp
 
     ckptr = ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(state_dir).item_metadata.tree
+    # the handler's metadata: the checkpointer's would look for step metadata inside the item and warn
+    tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
     if key not in tree:
         raise CheckpointError(f"{state_dir} holds no {key!r} (it has {sorted(tree)}); is this a lens-jax training checkpoint?")
     item = {key: tree[key]}
