@@ -135,3 +135,29 @@ def test_load_trained_names_what_is_missing(lora_run, tmp_path):
         load_trained(out, ema=True, config=cfg)
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         load_trained(tmp_path / "nothing", config=cfg)
+
+
+# ----------------------------------------------------------------------------- the pipeline from Python
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from lens_jax import LensPipeline
+
+    return LensPipeline.from_pretrained(TINY)
+
+
+def test_swapped_dit_params_of_another_shape_is_one_line(pipe):
+    """Before: a deep pjit pytree-prefix error or a broadcasting error from inside the sampler."""
+    from lens_jax.errors import InputError
+
+    good = pipe.dit_params
+    missing = {k: v for k, v in good.items() if k != "img_in"}
+    with pytest.raises(InputError, match=r"dit_params lacks img_in\.bias \(32,\)"):
+        pipe("a fox", dit_params=missing, num_inference_steps=1, height=32, width=32)
+    narrow = dict(good, img_in={"kernel": good["img_in"]["kernel"][:, :16], "bias": good["img_in"]["bias"]})
+    with pytest.raises(InputError, match=r"img_in\.kernel has shape \(32, 16\); .* needs \(32, 32\)"):
+        pipe("a fox", dit_params=narrow, num_inference_steps=1, height=32, width=32)
+    extra = dict(good, extra_head={"kernel": np.zeros((2, 2))})
+    with pytest.raises(InputError, match=r"has extra_head\.kernel, which this pipeline's DiT does not have"):
+        pipe("a fox", dit_params=extra, num_inference_steps=1, height=32, width=32)

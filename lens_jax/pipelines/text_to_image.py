@@ -403,6 +403,8 @@ class LensPipeline:
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents,
             prompt_embeds=prompt_embeds)
         prompt, negative_prompt, seed, latents = (checked[k] for k in ("prompt", "negative_prompt", "seed", "latents"))
+        if dit_params is not None:
+            validation.check_params_like(dit_params, self.dit_params)
         num_inference_steps, guidance_scale = checked["num_inference_steps"], checked["guidance_scale"]
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}.")
