@@ -161,3 +161,13 @@ def test_swapped_dit_params_of_another_shape_is_one_line(pipe):
     extra = dict(good, extra_head={"kernel": np.zeros((2, 2))})
     with pytest.raises(InputError, match=r"has extra_head\.kernel, which this pipeline's DiT does not have"):
         pipe("a fox", dit_params=extra, num_inference_steps=1, height=32, width=32)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("folder", ["vae", "text_encoder"])
+def test_transformer_load_of_another_component_names_it(folder):
+    """Before: T.load('Lens/vae') died in TransformerConfig with "can't multiply sequence by non-int"."""
+    with pytest.raises(CheckpointError, match="is not a Lens DiT config .* pass the pipeline's transformer/ folder"):
+        T.load(TINY / folder)

@@ -135,10 +135,34 @@ def convert_dit_weights(reader: SafetensorsReader, config, dtype, source_prefix:
     return unflatten(flat)
 
 
+DIT_CLASS = "LensTransformer2DModel"
+_DIT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "enc_hidden_dim")
+
+
+def read_config(config_path: str | os.PathLike) -> TransformerConfig:
+    """A DiT `config.json` -> TransformerConfig; another component's config is a CheckpointError naming it."""
+    import json
+
+    path = Path(config_path)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+    d = d if isinstance(d, dict) else {}
+    # a diffusers config names its class; a transformers one (the text encoder's) its architecture
+    cls = d.get("_class_name") or d.get("model_type") or (d.get("architectures") or [None])[0]
+    if (cls is not None and cls != DIT_CLASS) or not any(k in d for k in _DIT_KEYS):
+        raise CheckpointError(
+            f"{path} is not a Lens DiT config ({f'it is {cls!r}' if cls else 'none of ' + ', '.join(_DIT_KEYS)}); "
+            f"pass the pipeline's transformer/ folder (its config.json has _class_name {DIT_CLASS!r})."
+        )
+    return TransformerConfig.from_dict(d)
+
+
 def convert_transformer(path: str | os.PathLike, dtype=np.float32, progress=None):
     """Read an upstream `transformer/` folder -> (TransformerConfig, params with numpy leaves)."""
     weights, config_path = _weights_and_config(path)
-    config = TransformerConfig.from_json(config_path)
+    config = read_config(config_path)
     reader = open_checkpoint(weights)
     return config, convert_dit_weights(reader, config, dtype, progress=progress)
 
