@@ -171,3 +171,11 @@ def test_transformer_load_of_another_component_names_it(folder):
     """Before: T.load('Lens/vae') died in TransformerConfig with "can't multiply sequence by non-int"."""
     with pytest.raises(CheckpointError, match="is not a Lens DiT config .* pass the pipeline's transformer/ folder"):
         T.load(TINY / folder)
+
+
+def test_pure_apply_checks_the_token_grid():
+    """Before: T.apply(..., img_shape) with a grid of another size died in RoPE with a broadcasting TypeError."""
+    tr = T.load(TINY / "transformer")
+    x, feats = jnp.zeros((1, 24, 32)), [jnp.zeros((1, 3, 64))] * 4
+    with pytest.raises(ValueError, match=r"img_shape \(5, 5\) gives 25 tokens but hidden_states has 24"):
+        T.apply(tr.params, tr.config, x, feats, jnp.ones((1, 3), bool), jnp.ones((1,)), (5, 5))

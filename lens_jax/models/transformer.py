@@ -416,6 +416,9 @@ def apply(
     params = lora_lib.merge_factors(params, top_lora)
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["img_in"]["kernel"].dtype
     h, w = img_shape
+    if hidden_states.shape[1] != h * w:
+        raise ValueError(f"img_shape ({h}, {w}) gives {h * w} tokens but hidden_states has {hidden_states.shape[1]}; "
+                         "pass the (h, w) token grid of the latents (image size / 16).")
     text_len = encoder_hidden_states[0].shape[1]
     rope = jax.tree.map(jnp.asarray, rope_tables(config, h, w, text_len))
 
