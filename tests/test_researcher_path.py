@@ -179,3 +179,65 @@ def test_pure_apply_checks_the_token_grid():
     x, feats = jnp.zeros((1, 24, 32)), [jnp.zeros((1, 3, 64))] * 4
     with pytest.raises(ValueError, match=r"img_shape \(5, 5\) gives 25 tokens but hidden_states has 24"):
         T.apply(tr.params, tr.config, x, feats, jnp.ones((1, 3), bool), jnp.ones((1,)), (5, 5))
+
+
+# ----------------------------------------------------------------------------- the public API documents itself
+
+# models/text_encoder.py belongs to the MoE work running beside this one: its names are listed
+# here rather than edited (they are reported, not fixed).
+_NOT_HERE = {"TextEncoder.__call__", "TextEncoder.dtype", "TextEncoderConfig.num_key_value_groups",
+             "TextEncoderConfig.from_dict", "TextEncoderConfig.from_json", "lens_jax.text_encoder.init_params"}
+
+
+def _public_callables():
+    import importlib
+    import inspect
+
+    import lens_jax
+
+    facades = ["lens_jax.transformer", "lens_jax.text_encoder", "lens_jax.vae", "lens_jax.lora", "lens_jax.sharding",
+               "lens_jax.training"]
+    seen = {}
+    for modname in facades:
+        mod = importlib.import_module(modname)
+        for name in getattr(mod, "__all__", None) or [n for n in vars(mod) if not n.startswith("_")]:
+            obj = getattr(mod, name)
+            if inspect.isfunction(obj) or hasattr(obj, "__wrapped__") and inspect.isfunction(obj.__wrapped__):
+                seen[f"{modname}.{name}"] = inspect.unwrap(obj)
+            elif inspect.isclass(obj) and obj.__module__.startswith("lens_jax"):
+                seen[name] = obj
+                for attr, v in vars(obj).items():
+                    if attr.startswith("_") and attr != "__call__":
+                        continue
+                    f = v.__func__ if isinstance(v, (classmethod, staticmethod)) else getattr(v, "fget", v)
+                    if inspect.isfunction(f) and f.__qualname__.startswith(obj.__name__ + "."):
+                        seen[f"{name}.{attr}"] = f
+    pipe_cls = lens_jax.LensPipeline
+    for attr, v in vars(pipe_cls).items():
+        f = v.__func__ if isinstance(v, (classmethod, staticmethod)) else getattr(v, "fget", v)
+        if inspect.isfunction(f) and (not attr.startswith("_") or attr == "__call__"):
+            seen[f"LensPipeline.{attr}"] = f
+    return seen
+
+
+def test_public_functions_have_docstrings_and_type_hints():
+    """Before: LensTransformer.__call__ had neither, 20 methods and helpers had no docstring, and
+    dtype / params / multiplier / array arguments across the facades had no types (55 items)."""
+    import inspect
+
+    problems = []
+    for name, f in sorted(_public_callables().items()):
+        if name in _NOT_HERE:
+            continue
+        if inspect.isclass(f):
+            if not (f.__doc__ or "").strip():
+                problems.append(f"{name}: no docstring")
+            continue
+        if not (f.__doc__ or "").strip():
+            problems.append(f"{name}: no docstring")
+        sig = inspect.signature(f)
+        bare = [p for p, v in sig.parameters.items() if v.annotation is inspect.Parameter.empty
+                and p not in ("self", "cls") and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+        if bare:
+            problems.append(f"{name}: untyped {bare}")
+    assert not problems, "\n".join(problems)

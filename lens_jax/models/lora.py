@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from ..errors import InputError
@@ -68,11 +69,13 @@ class LoraWeights:
             raise KeyError(key)
         return getattr(self, key)
 
-    def keys(self):
+    def keys(self) -> tuple[str, str, str]:
+        """The field names, so that `dict(w)` and `w["lora_A"]` read like the PEFT dicts."""
         return ("lora_A", "lora_B", "alpha")
 
     @property
     def rank(self) -> int:
+        """The adapter's rank r (the last axis of `lora_A`)."""
         return int(self.lora_A.shape[-1])
 
 
@@ -161,7 +164,7 @@ def init_adapter(
     alpha: float | None = None,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> Adapter:
     """A fresh adapter on every Linear whose path fully matches one of the `targets` regexes.
 
@@ -248,7 +251,7 @@ def merge_factors(params: Mapping, factors: Mapping[str, tuple], sign: float = 1
     return params
 
 
-def merge(params: Mapping, adapter: Mapping[str, LoraWeights], multiplier=1.0) -> dict:
+def merge(params: Mapping, adapter: Mapping[str, LoraWeights], multiplier: float | jax.Array = 1.0) -> dict:
     """Params with the adapter folded into the kernels: kernel + multiplier * (alpha/r) * A @ B.
 
     Pure, jit-able and differentiable in `params`, `adapter` and `multiplier`; the delta is formed in
@@ -264,7 +267,7 @@ def merge_many(params: Mapping, adapters: Iterable[tuple[Mapping[str, LoraWeight
     return params
 
 
-def unmerge(params: Mapping, adapter: Mapping[str, LoraWeights], multiplier=1.0) -> dict:
+def unmerge(params: Mapping, adapter: Mapping[str, LoraWeights], multiplier: float | jax.Array = 1.0) -> dict:
     """The inverse of `merge` (subtracts the delta); exact up to float rounding of the kernels' dtype."""
     return merge_factors(params, scale_factors(adapter, multiplier), sign=-1.0)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, to_state_dict, unflatten
@@ -74,7 +76,7 @@ def dit_rules(config: TransformerConfig) -> list[Rule]:
     ]
 
 
-def to_torch_state_dict(params, config: TransformerConfig | None = None) -> dict[str, np.ndarray]:
+def to_torch_state_dict(params: Mapping[str, Any], config: TransformerConfig | None = None) -> dict[str, np.ndarray]:
     """The inverse of conversion: DiT params (or a gradient pytree of them) -> upstream PyTorch names and layouts.
 
     Linear kernels go back to [out, in], the fused qkv to [3 * inner, d], stacked blocks to
@@ -167,7 +169,8 @@ def convert_transformer(path: str | os.PathLike, dtype=np.float32, progress=None
     return config, convert_dit_weights(reader, config, dtype, progress=progress)
 
 
-def load(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=None) -> LensTransformer:
+def load(path: str | os.PathLike, dtype: DTypeLike = jnp.float32,
+         compute_dtype: DTypeLike | None = None) -> LensTransformer:
     """Load an upstream `transformer/` folder (config.json + safetensors, single or sharded).
 
     `path` may also be a single safetensors file with a `config.json` beside it.

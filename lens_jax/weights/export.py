@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
+from jax.typing import DTypeLike
 
 from ..models.dtypes import resolve_dtype
 from ..models.transformer import TransformerConfig
@@ -35,7 +37,8 @@ def _host_state_dict(params, config, dtype) -> dict[str, np.ndarray]:
     return sd
 
 
-def export_diffusers(params, config: TransformerConfig, folder: str | os.PathLike, dtype=None,
+def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folder: str | os.PathLike,
+                     dtype: DTypeLike | str | None = None,
                      max_shard_bytes: int = 10 * 1024**3) -> Path:
     """Write a diffusers `transformer/` folder: config.json + safetensors (sharded with an index past max_shard_bytes).
 
@@ -71,7 +74,8 @@ def export_diffusers(params, config: TransformerConfig, folder: str | os.PathLik
     return out
 
 
-def export_comfy(params, path: str | os.PathLike, config: TransformerConfig | None = None, dtype=None,
+def export_comfy(params: Mapping[str, Any], path: str | os.PathLike, config: TransformerConfig | None = None,
+                 dtype: DTypeLike | str | None = None,
                  prefix: str = COMFY_PREFIX) -> Path:
     """Write a ComfyUI single-file DiT: every upstream name behind `model.diffusion_model.`."""
     from safetensors.numpy import save_file
