@@ -241,3 +241,40 @@ def test_public_functions_have_docstrings_and_type_hints():
         if bare:
             problems.append(f"{name}: untyped {bare}")
     assert not problems, "\n".join(problems)
+
+
+# ----------------------------------------------------------------------------- docs/research.md runs
+
+
+_RUN_PAGE = """
+import re, sys
+from pathlib import Path
+text = Path("docs/research.md").read_text()
+blocks = re.findall(r"^```python\\n(.*?)^```", text, re.S | re.M)
+code = "\\n".join(blocks)
+out_line = 'OUT = Path("research-demo")'
+assert len(blocks) >= 6 and out_line in code, "the page lost its python blocks or its OUT line"
+scope = {}
+exec(compile(code.replace(out_line, f"OUT = Path({sys.argv[1]!r})"), "docs/research.md", "exec"), scope)
+print("page ran", float(scope["loss"]))
+"""
+
+
+def test_research_page_runs(tmp_path):
+    """Every `python` block of docs/research.md, in order, on the tiny checkpoints; the page's own asserts
+    check what it claims (exact export, bit-identical resume, the PyTorch forward within tolerance).
+
+    Its own process, compiled with JAX_DISABLE_MOST_OPTIMIZATIONS (about half the compile time): that
+    flag is not part of JAX's jit cache key, so set in this process it would leak into later tests."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+               LENS_JAX_COMPILATION_CACHE="off")
+    proc = subprocess.run([sys.executable, "-c", _RUN_PAGE, str(tmp_path)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "page ran" in proc.stdout and (tmp_path / "transformer" / "config.json").exists()
