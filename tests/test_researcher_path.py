@@ -278,3 +278,24 @@ def test_research_page_runs(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "page ran" in proc.stdout and (tmp_path / "transformer" / "config.json").exists()
+
+
+def test_swapped_dit_params_reuse_the_compiled_sampler(pipe):
+    """Before: a tree from a training loop or load_trained (host numpy, or uncommitted arrays) was not
+    laid out like pipe.dit_params, so every call with it compiled the whole sampler again."""
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    kw = dict(num_inference_steps=1, height=32, width=32, seed=3, output_type="latent")
+    want = pipe("a fox", **kw).images
+    host = jax.tree.map(np.asarray, pipe.dit_params)  # what load_trained(...).params looks like
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        got = pipe("a fox", dit_params=host, **kw).images
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not compiles, f"{len(compiles)} programs compiled for dit_params of the same shapes"

@@ -480,7 +480,10 @@ class LensPipeline:
         )
         if known is not None:
             known = tuple(parallel.put(k, parallel.batch_sharding(mesh, batch, 3)) for k in known)
-        dit_params = self.dit_params if dit_params is None else dit_params
+        if dit_params is None:
+            dit_params = self.dit_params
+        else:  # laid out like the pipeline's own (host numpy, another device, a mesh): one compiled program
+            dit_params = jax.tree.map(lambda x, ref: parallel.put(x, ref.sharding), dit_params, self.dit_params)
         final, image, trajectory = sampler_lib.run(programs, spec, dit_params, self.vae_params, *args,
                                                    callback=callback, known=known)
         final = parallel.to_host(final)
