@@ -299,3 +299,24 @@ def test_swapped_dit_params_reuse_the_compiled_sampler(pipe):
         jax.monitoring.unregister_event_duration_listener(listen)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not compiles, f"{len(compiles)} programs compiled for dit_params of the same shapes"
+
+
+def test_trainer_names_the_batches_protocol_before_training(tiny, cache, tmp_path):
+    """Before: a plain generator trained for checkpoint_every steps, then died in save() with
+    AttributeError: 'generator' object has no attribute 'get_state'."""
+    from lens_jax.errors import InputError
+
+    config, params = tiny
+    cfg = train_check.make_cfg(str(tmp_path), train={"steps": 2, "checkpoint_every": 1})
+    with pytest.raises(InputError, match="batches must have iterator"):
+        Trainer(cfg, config, params, [CachedBatches(cache, 2, 0, 4).batch(0)])
+
+    class Plain:
+        def iterator(self, state=None):
+            return iter([CachedBatches(cache, 2, 0, 4).batch(0)] * 2)
+
+    trainer = Trainer(cfg, config, params, Plain())
+    with pytest.raises(InputError, match="without get_state"):
+        trainer.fit()
+    trainer.close()
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

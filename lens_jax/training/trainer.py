@@ -203,11 +203,17 @@ class Trainer:
 
     base_params: the DiT params (float32; host or device). Full fine-tuning trains a float32
     copy; LoRA keeps them frozen (sharded) and trains an adapter. `batches`: a
-    `CachedBatches` (anything with `iterator(state)` yielding dicts of latents/features/mask/grid).
+    `CachedBatches`, or anything whose `iterator(state)` (state: None, or what `get_state()` returned)
+    gives an iterator with `get_state()` (saved with every checkpoint, e.g. grain's
+    `DatasetIterator`) yielding dicts of `latents` [B, h*w, C], `features` (one [B, S, enc] array
+    per text layer), `mask` [B, S] and `grid` (h, w).
     """
 
     def __init__(self, cfg: TrainConfig, dit_config: dit.TransformerConfig, base_params: Params, batches,
                  mesh: Mesh | None = None):
+        if not callable(getattr(batches, "iterator", None)):
+            raise InputError(f"batches must have iterator(state) -> an iterator with get_state(), like "
+                             f"lens_jax.training.data.CachedBatches; got {type(batches).__name__}.")
         self.cfg, self.dit_config, self.batches = cfg, dit_config, batches
         p = cfg.parallel
         self.mesh = mesh if mesh is not None else parallel.make_mesh(p.data, p.fsdp, p.tensor)
@@ -336,6 +342,9 @@ class Trainer:
         start = int(jax.device_get(state["step"]))
         end = self.total_micro_steps if stop_at is None else min(stop_at, self.total_micro_steps)
         iterator = self.batches.iterator(it_state)
+        if not callable(getattr(iterator, "get_state", None)):  # checked now, not at the first checkpoint
+            raise InputError(f"batches.iterator(state) returned a {type(iterator).__name__} without get_state(); the "
+                             "trainer saves the data position with every checkpoint (grain's DatasetIterator has it).")
         writers = self._writers()
         bar = tqdm(total=end, initial=start, desc="training", unit="step",
                    disable=not cfg.progress or jax.process_index() != 0)
