@@ -320,3 +320,14 @@ def test_trainer_names_the_batches_protocol_before_training(tiny, cache, tmp_pat
         trainer.fit()
     trainer.close()
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("multiplier", [float("nan"), float("inf"), "0.5", True])
+def test_with_lora_checks_the_multiplier(multiplier):
+    """Before: NaN / inf gave a DiT of NaNs silently, "0.5" a TypeError from inside jit."""
+    from lens_jax.errors import InputError
+
+    tr = T.load(TINY / "transformer")
+    adapter = lora.load(FIXTURES / "loras" / "lora_peft.safetensors", tr.config)
+    with pytest.raises(InputError, match="LoRA multiplier must be a finite number"):
+        tr.with_lora(adapter, multiplier)

@@ -32,6 +32,7 @@ Two ways to apply it:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -196,6 +197,14 @@ def init_adapter(
         lora_B = jnp.zeros(lead + (r, n_out), dtype)
         adapter[path] = LoraWeights(lora_A, lora_B, a if layers is None else (a,) * layers)
     return adapter
+
+
+def check_multiplier(multiplier: Any) -> None:
+    """A LoRA multiplier must be a finite real number (or a JAX array, e.g. a traced one to differentiate)."""
+    if isinstance(multiplier, jax.Array):
+        return
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not math.isfinite(multiplier):
+        raise InputError(f"the LoRA multiplier must be a finite number (1.0: the adapter as trained); got {multiplier!r}.")
 
 
 def check_adapter(params: Mapping, adapter: Mapping[str, LoraWeights]) -> None:

@@ -562,6 +562,7 @@ class LensTransformer:
         kernels and merges inside the forward, layer by layer (what training does).
         """
         lora_lib.check_adapter(self.params, adapter)
+        lora_lib.check_multiplier(multiplier)
         if merged:
             return replace(self, params=jax.jit(lora_lib.merge)(self.params, adapter, multiplier))
         if self.lora is not None:
