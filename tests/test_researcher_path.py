@@ -308,8 +308,10 @@ def test_trainer_names_the_batches_protocol_before_training(tiny, cache, tmp_pat
 
     config, params = tiny
     cfg = train_check.make_cfg(str(tmp_path), train={"steps": 2, "checkpoint_every": 1})
+    listed = Trainer(cfg, config, params, [CachedBatches(cache, 2, 0, 4).batch(0)])
     with pytest.raises(InputError, match="batches must have iterator"):
-        Trainer(cfg, config, params, [CachedBatches(cache, 2, 0, 4).batch(0)])
+        listed.fit()
+    listed.close()
 
     class Plain:
         def iterator(self, state=None):

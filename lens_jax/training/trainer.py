@@ -211,9 +211,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dit_config: dit.TransformerConfig, base_params: Params, batches,
                  mesh: Mesh | None = None):
-        if not callable(getattr(batches, "iterator", None)):
-            raise InputError(f"batches must have iterator(state) -> an iterator with get_state(), like "
-                             f"lens_jax.training.data.CachedBatches; got {type(batches).__name__}.")
         self.cfg, self.dit_config, self.batches = cfg, dit_config, batches
         p = cfg.parallel
         self.mesh = mesh if mesh is not None else parallel.make_mesh(p.data, p.fsdp, p.tensor)
@@ -341,6 +338,9 @@ class Trainer:
         state, it_state = self.restore()
         start = int(jax.device_get(state["step"]))
         end = self.total_micro_steps if stop_at is None else min(stop_at, self.total_micro_steps)
+        if not callable(getattr(self.batches, "iterator", None)):  # None is fine for restore / save alone
+            raise InputError(f"batches must have iterator(state) -> an iterator with get_state(), like "
+                             f"lens_jax.training.data.CachedBatches; got {type(self.batches).__name__}.")
         iterator = self.batches.iterator(it_state)
         if not callable(getattr(iterator, "get_state", None)):  # checked now, not at the first checkpoint
             raise InputError(f"batches.iterator(state) returned a {type(iterator).__name__} without get_state(); the "
