@@ -83,6 +83,11 @@ def to_torch_state_dict(params: Mapping[str, Any], config: TransformerConfig | N
     `transformer_blocks.{i}.*`. Leaves keep their dtype. `config` is accepted for symmetry
     with `load` (the tree's shapes already say everything).
     """
+    if not isinstance(params, Mapping) or "transformer_blocks" not in params:
+        hint = (" it looks like a LoRA adapter: lens_jax.lora.state_dict(adapter, format) writes those"
+                if isinstance(params, Mapping) and any(isinstance(k, str) and "." in k for k in params) else "")
+        raise CheckpointError(f"to_torch_state_dict takes the DiT parameter tree (keys img_in, transformer_blocks, "
+                              f"...);{hint or ' got ' + type(params).__name__ + ' without transformer_blocks'}.")
     mode = quant.params_mode(params)
     if mode is not None:  # int8 / fp8 kernels without their scales would load as garbage upstream
         raise CheckpointError(f"these DiT parameters are quantised ({mode}); PyTorch export needs float weights: export "
