@@ -333,3 +333,27 @@ def test_with_lora_checks_the_multiplier(multiplier):
     adapter = lora.load(FIXTURES / "loras" / "lora_peft.safetensors", tr.config)
     with pytest.raises(InputError, match="LoRA multiplier must be a finite number"):
         tr.with_lora(adapter, multiplier)
+
+
+def test_to_torch_state_dict_of_an_adapter_points_to_lora_state_dict():
+    """Before: T.to_torch_state_dict(adapter) was KeyError: 'transformer_blocks'."""
+    tr = T.load(TINY / "transformer")
+    adapter = lora.init_adapter(tr.params, tr.config, jax.random.key(0), rank=2)
+    with pytest.raises(CheckpointError, match=r"LoRA adapter: lens_jax\.lora\.state_dict"):
+        T.to_torch_state_dict(adapter, tr.config)
+
+
+def test_export_diffusers_again_replaces_an_earlier_export(tmp_path):
+    """Before: exporting into a folder holding an earlier sharded export left its shards and index,
+    and T.load (like diffusers) then read the old weights."""
+    tr = T.load(TINY / "transformer")
+    T.export_diffusers(tr.params, tr.config, tmp_path, max_shard_bytes=20_000)
+    newer = jax.tree.map(lambda a: a + 1, tr.params)
+    T.export_diffusers(newer, tr.config, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    for a, b in zip(_host(T.load(tmp_path).params), _host(newer)):
+        np.testing.assert_array_equal(a, b)
+    T.export_diffusers(tr.params, tr.config, tmp_path, max_shard_bytes=20_000)  # and back to shards
+    assert "diffusion_pytorch_model.safetensors" not in {p.name for p in tmp_path.iterdir()}
+    for a, b in zip(_host(T.load(tmp_path).params), _host(tr.params)):
+        np.testing.assert_array_equal(a, b)

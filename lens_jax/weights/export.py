@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,6 +50,12 @@ def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folde
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     sd = _host_state_dict(params, config, dtype)
+    # An earlier export here (sharded or not) would otherwise be what loaders find: its index wins.
+    stem, ext = DIFFUSERS_WEIGHTS.rsplit(".", 1)
+    stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{ext}(\.index\.json)?")
+    for old in out.iterdir():
+        if old.is_file() and stale.fullmatch(old.name):
+            old.unlink()
     cfg = {**config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION}
     (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -63,7 +70,6 @@ def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folde
     if len(shards) == 1:
         save_file(shards[0], str(out / DIFFUSERS_WEIGHTS), metadata=meta)
         return out
-    stem, ext = DIFFUSERS_WEIGHTS.rsplit(".", 1)
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
