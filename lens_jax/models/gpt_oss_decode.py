@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from .axes import ACT_HEADS, BATCH, Constrain, constrain
@@ -330,9 +331,9 @@ class CausalLM(TextEncoder):
         if not has_lm_head(self.params):
             raise ValueError("the checkpoint has no lm_head.weight / model.norm.weight; it cannot generate text.")
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-                 return_logits: bool = False):
+    def generate(self, input_ids: ArrayLike, attention_mask: ArrayLike | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
+                 return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Decode new tokens after prompts (one jitted program: prefill, then a KV-cache loop).
 
         input_ids [B, S] ints, attention_mask [B, S] (1 = token; left or right padding). Greedy

@@ -32,12 +32,14 @@ Two ways to apply it:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from ..errors import InputError
@@ -68,11 +70,13 @@ class LoraWeights:
             raise KeyError(key)
         return getattr(self, key)
 
-    def keys(self):
+    def keys(self) -> tuple[str, str, str]:
+        """The field names, so that `dict(w)` and `w["lora_A"]` read like the PEFT dicts."""
         return ("lora_A", "lora_B", "alpha")
 
     @property
     def rank(self) -> int:
+        """The adapter's rank r (the last axis of `lora_A`)."""
         return int(self.lora_A.shape[-1])
 
 
@@ -161,7 +165,7 @@ def init_adapter(
     alpha: float | None = None,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> Adapter:
     """A fresh adapter on every Linear whose path fully matches one of the `targets` regexes.
 
@@ -193,6 +197,14 @@ def init_adapter(
         lora_B = jnp.zeros(lead + (r, n_out), dtype)
         adapter[path] = LoraWeights(lora_A, lora_B, a if layers is None else (a,) * layers)
     return adapter
+
+
+def check_multiplier(multiplier: Any) -> None:
+    """A LoRA multiplier must be a finite real number (or a JAX array, e.g. a traced one to differentiate)."""
+    if isinstance(multiplier, jax.Array):
+        return
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not math.isfinite(multiplier):
+        raise InputError(f"the LoRA multiplier must be a finite number (1.0: the adapter as trained); got {multiplier!r}.")
 
 
 def check_adapter(params: Mapping, adapter: Mapping[str, LoraWeights]) -> None:
@@ -248,7 +260,7 @@ def merge_factors(params: Mapping, factors: Mapping[str, tuple], sign: float = 1
     return params
 
 
-def merge(params: Mapping, adapter: Mapping[str, LoraWeights], multiplier=1.0) -> dict:
+def merge(params: Mapping, adapter: Mapping[str, LoraWeights], multiplier: float | jax.Array = 1.0) -> dict:
     """Params with the adapter folded into the kernels: kernel + multiplier * (alpha/r) * A @ B.
 
     Pure, jit-able and differentiable in `params`, `adapter` and `multiplier`; the delta is formed in
@@ -264,7 +276,7 @@ def merge_many(params: Mapping, adapters: Iterable[tuple[Mapping[str, LoraWeight
     return params
 
 
-def unmerge(params: Mapping, adapter: Mapping[str, LoraWeights], multiplier=1.0) -> dict:
+def unmerge(params: Mapping, adapter: Mapping[str, LoraWeights], multiplier: float | jax.Array = 1.0) -> dict:
     """The inverse of `merge` (subtracts the delta); exact up to float rounding of the kernels' dtype."""
     return merge_factors(params, scale_factors(adapter, multiplier), sign=-1.0)
 

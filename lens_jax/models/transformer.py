@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
 from . import lora as lora_lib
@@ -87,33 +88,40 @@ class TransformerConfig:
 
     @property
     def inner_dim(self) -> int:
+        """Model width: heads x head_dim."""
         # Upstream derives it from heads x head_dim and ignores the config's `inner_dim`.
         return self.num_attention_heads * self.attention_head_dim
 
     @property
     def mlp_hidden_dim(self) -> int:
+        """The gated MLP's hidden width (8/3 of the model width, truncated)."""
         return int(self.inner_dim / 3 * 8)
 
     @property
     def num_text_layers(self) -> int:
+        """How many text-encoder layers the DiT reads (one `txt_norm` each)."""
         return len(self.selected_layer_index)
 
     @property
     def out_dim(self) -> int:
+        """Channels of a predicted token: patch^2 x out_channels."""
         return self.patch_size * self.patch_size * self.out_channels
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
+        """From an upstream `transformer/config.json` dict; keys that do not shape the network are ignored."""
         known = {f.name for f in fields(cls)}
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**kwargs)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "TransformerConfig":
+        """`from_dict` of a JSON file."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict:
+        """The upstream `config.json` dict (with `_class_name` and `inner_dim`), as `export_diffusers` writes it."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(_class_name="LensTransformer2DModel", inner_dim=self.inner_dim)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -122,7 +130,7 @@ class TransformerConfig:
 # ----------------------------------------------------------------------------- parameters
 
 
-def init_params(config: TransformerConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+def init_params(config: TransformerConfig, key: jax.Array, dtype: DTypeLike = jnp.float32) -> Params:
     """Random parameters with the checkpoint's structure (kernels ~ N(0, 1/fan_in))."""
     c = config
     d, hd, L = c.inner_dim, c.attention_head_dim, c.num_layers
@@ -256,7 +264,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def timestep_embedding(params: Params, timestep: jax.Array, dtype) -> jax.Array:
+def timestep_embedding(params: Params, timestep: jax.Array, dtype: DTypeLike) -> jax.Array:
     """Sinusoidal Timesteps(256, flip_sin_to_cos, shift 0, scale 1000) then the 2-layer MLP -> [B, D]."""
     half = TIMESTEP_CHANNELS // 2
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
@@ -266,7 +274,7 @@ def timestep_embedding(params: Params, timestep: jax.Array, dtype) -> jax.Array:
     return dense(jax.nn.silu(dense(proj, p["linear_1"])), p["linear_2"])
 
 
-def embed_text(params: Params, features: Sequence[jax.Array], dtype) -> jax.Array:
+def embed_text(params: Params, features: Sequence[jax.Array], dtype: DTypeLike) -> jax.Array:
     """Per-layer RMSNorm (eps 1e-5) of each selected encoder layer, concatenated, then txt_in."""
     weights = params["txt_norm"]["weight"]
     if len(features) != weights.shape[0]:
@@ -324,9 +332,15 @@ def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implem
                                sharding=sharding)
 
 
-def block(p: Params, config: TransformerConfig, img, txt, temb_act, rope, key_mask, key_lengths, attention_impl=None,
-          sharding: Constrain | None = None):
-    """One dual-stream MMDiT block; returns the updated (img, txt) streams."""
+def block(p: Params, config: TransformerConfig, img: jax.Array, txt: jax.Array, temb_act: jax.Array,
+          rope: dict[str, jax.Array], key_mask: jax.Array | None, key_lengths: jax.Array | None,
+          attention_impl: str | None = None, sharding: Constrain | None = None) -> tuple[jax.Array, jax.Array]:
+    """One dual-stream MMDiT block; returns the updated (img, txt) streams.
+
+    `p`: one layer of `params["transformer_blocks"]`; img [B, N, d], txt [B, S, d]; temb_act the SiLU of
+    the timestep embedding [B, d]; rope: `rope_tables(...)` (img_cos/img_sin/txt_cos/txt_sin);
+    key_mask / key_lengths: which joint keys are visible (see `apply`).
+    """
     heads = config.num_attention_heads
     i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _modulation(p["img_mod"], temb_act)
     t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _modulation(p["txt_mod"], temb_act)
@@ -351,7 +365,7 @@ def block(p: Params, config: TransformerConfig, img, txt, temb_act, rope, key_ma
 # ----------------------------------------------------------------------------- forward
 
 
-def default_attention_impl(dtype) -> str | None:
+def default_attention_impl(dtype: DTypeLike) -> str | None:
     """cuDNN flash attention on GPU for half precision; None (lens_jax.models.attention's backend default) elsewhere."""
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "cudnn"
@@ -387,12 +401,12 @@ def apply(
     encoder_hidden_states_mask: jax.Array,
     timestep: jax.Array,
     img_shape: tuple[int, int],
-    compute_dtype=None,
+    compute_dtype: DTypeLike | None = None,
     attention_impl: str | None = None,
     sharding: Constrain | None = None,
     stream: LayerStream | None = None,
     lora: dict | None = None,
-    lora_multiplier=1.0,
+    lora_multiplier: float | jax.Array = 1.0,
     remat: str | None = None,
     modulation: dict | None = None,
 ) -> jax.Array:
@@ -416,6 +430,9 @@ def apply(
     params = lora_lib.merge_factors(params, top_lora)
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["img_in"]["kernel"].dtype
     h, w = img_shape
+    if hidden_states.shape[1] != h * w:
+        raise ValueError(f"img_shape ({h}, {w}) gives {h * w} tokens but hidden_states has {hidden_states.shape[1]}; "
+                         "pass the (h, w) token grid of the latents (image size / 16).")
     text_len = encoder_hidden_states[0].shape[1]
     rope = jax.tree.map(jnp.asarray, rope_tables(config, h, w, text_len))
 
@@ -545,13 +562,23 @@ class LensTransformer:
         kernels and merges inside the forward, layer by layer (what training does).
         """
         lora_lib.check_adapter(self.params, adapter)
+        lora_lib.check_multiplier(multiplier)
         if merged:
             return replace(self, params=jax.jit(lora_lib.merge)(self.params, adapter, multiplier))
         if self.lora is not None:
             raise ValueError("this transformer already carries an unmerged adapter; merge one of them.")
         return replace(self, lora=adapter, lora_multiplier=multiplier)
 
-    def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
+    def __call__(self, hidden_states: ArrayLike, encoder_hidden_states: Sequence[ArrayLike],
+                 encoder_hidden_states_mask: ArrayLike, timestep: ArrayLike | float,
+                 img_shapes: Sequence[tuple[int, int, int]]) -> jax.Array:
+        """Velocity [B, h*w, patch^2 * out_channels] for packed latent tokens [B, h*w, in_channels].
+
+        encoder_hidden_states: one [B, S, enc_hidden_dim] array per selected text layer; mask [B, S]
+        (True / 1 = token); timestep: sigma in [0, 1], [B] or one for the batch; img_shapes:
+        [(1, h, w)], the token grid (diffusers' argument). Inputs are checked first (one ValueError
+        naming the argument); the forward is `apply` under jit.
+        """
         hidden_states = jnp.asarray(hidden_states)
         feats = [jnp.asarray(f) for f in encoder_hidden_states]
         mask = jnp.asarray(encoder_hidden_states_mask).astype(bool)

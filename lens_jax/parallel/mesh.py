@@ -7,7 +7,7 @@ holds, so each process transfers only its own shards; `to_host` is the inverse.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .rules import DATA, FSDP, MESH_AXES, TENSOR
 
 
-def make_mesh(data: int | None = None, fsdp: int | None = None, tensor: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int | None = None, fsdp: int | None = None, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all, across hosts).
 
     Unspecified sizes take what is left: with none given every device goes on `fsdp`
@@ -64,6 +65,7 @@ def batch_sharding(mesh: Mesh, batch: int, ndim: int) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that puts a whole copy on every device of `mesh`."""
     return NamedSharding(mesh, P())
 
 
@@ -79,6 +81,7 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
 
 
 def put_tree(tree: Any, shardings: Any) -> Any:
+    """`put` every leaf of `tree` with the sharding at the same place in `shardings`."""
     return jax.tree.map(put, tree, shardings)
 
 

@@ -24,7 +24,7 @@ unsplit), and a dimension that the mesh axis size does not divide stays unsplit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -87,6 +87,7 @@ class ShardingRules:
     rules: tuple[tuple[str, MeshAxis], ...]
 
     def as_dict(self) -> dict[str, MeshAxis]:
+        """The table as {logical axis: mesh target}."""
         return dict(self.rules)
 
     def override(self, **changes: MeshAxis) -> "ShardingRules":
@@ -118,6 +119,7 @@ class ShardingRules:
         return P(*out)
 
     def bind(self, mesh: Mesh) -> "BoundRules":
+        """These rules on `mesh`: what the models take as `sharding=` to constrain activations."""
         return BoundRules(self, mesh)
 
 
@@ -147,10 +149,12 @@ class BoundRules:
     rules: ShardingRules
     mesh: Mesh
 
-    def sharding(self, axes, shape=None) -> NamedSharding:
+    def sharding(self, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+        """The NamedSharding of an array with logical `axes` (and `shape`, for divisibility)."""
         return NamedSharding(self.mesh, self.rules.spec(tuple(axes), None if shape is None else tuple(shape), self.mesh))
 
-    def constrain(self, x, axes):
+    def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+        """`x` constrained to its logical `axes` (inside jit)."""
         return jax.lax.with_sharding_constraint(x, self.sharding(axes, x.shape))
 
 
@@ -166,6 +170,7 @@ def logical_shardings(params: Any, axes: Any, mesh: Mesh, rules: ShardingRules =
 
 
 def replicated_shardings(params: Any, mesh: Mesh) -> Any:
+    """A replicated NamedSharding per leaf of `params`."""
     return jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
 from .. import configs, parallel
@@ -180,7 +181,7 @@ class LensPipeline:
     def from_pretrained(
         cls,
         path_or_repo_id: str | os.PathLike,
-        dtype=None,
+        dtype: DTypeLike | None = None,
         mesh: jax.sharding.Mesh | None = None,
         *,
         rules: parallel.ShardingRules | None = None,
@@ -231,7 +232,8 @@ class LensPipeline:
                    scheduler_config=parts.scheduler, txt_offset=parts.txt_offset, **kwargs)
 
     @classmethod
-    def tiny_random(cls, seed: int = 0, dtype=jnp.float32, mesh=None, **kwargs) -> "LensPipeline":
+    def tiny_random(cls, seed: int = 0, dtype: DTypeLike = jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                    **kwargs: Any) -> "LensPipeline":
         """A tiny randomly initialised Lens (offline; its pictures are noise) for smoke tests."""
         enable_compilation_cache(kwargs.get("compilation_cache"))
         parts = components_lib.tiny_random_components(seed, resolve_dtype(dtype))
@@ -278,7 +280,7 @@ class LensPipeline:
         """The LoRAs merged into the DiT, in order: [(source, multiplier), ...]."""
         return [(name, m) for name, _, m in getattr(self, "_loras", [])]
 
-    def load_lora(self, path_or_adapter, multiplier: float = 1.0, name: str | None = None) -> "LensPipeline":
+    def load_lora(self, path_or_adapter: str | os.PathLike | dict, multiplier: float = 1.0, name: str | None = None) -> "LensPipeline":
         """Merge a LoRA (a peft/kohya/comfy file, or an adapter pytree) into the DiT at `multiplier`.
 
         Several calls stack. The first keeps the base parameters (the adapted kernels are held twice
@@ -328,7 +330,8 @@ class LensPipeline:
             self.dit_params, self._dit_base, self._loras = self._dit_base, None, []
         return self
 
-    def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = prompt_lib.MAX_SEQUENCE_LENGTH):
+    def encode_prompt(self, prompts: str | Sequence[str],
+                      max_sequence_length: int = prompt_lib.MAX_SEQUENCE_LENGTH) -> tuple[list[np.ndarray], np.ndarray]:
         """Prompts -> (features: one [B, T, enc_dim] numpy array per selected layer, mask [B, T] bool).
 
         Token ids are right-padded to a multiple of 64 so the encoder compiles once per bucket;
@@ -368,18 +371,18 @@ class LensPipeline:
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
-        latents=None,
+        latents: ArrayLike | None = None,
         prompt_embeds: Sequence[Any] | None = None,
-        prompt_mask=None,
+        prompt_mask: ArrayLike | None = None,
         negative_prompt_embeds: Sequence[Any] | None = None,
-        negative_prompt_mask=None,
+        negative_prompt_mask: ArrayLike | None = None,
         output_type: str = "pil",
         max_sequence_length: int = prompt_lib.MAX_SEQUENCE_LENGTH,
         callback: Callable[[int, float, Any], None] | None = None,
         return_trajectory: bool = False,
-        image=None,
+        image: Any = None,
         strength: float = 1.0,
-        mask_image=None,
+        mask_image: Any = None,
         enable_reasoner: bool = False,
         min_text_length: int | None = None,
         dit_params: Any = None,
@@ -403,6 +406,8 @@ class LensPipeline:
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents,
             prompt_embeds=prompt_embeds)
         prompt, negative_prompt, seed, latents = (checked[k] for k in ("prompt", "negative_prompt", "seed", "latents"))
+        if dit_params is not None:
+            validation.check_params_like(dit_params, self.dit_params)
         num_inference_steps, guidance_scale = checked["num_inference_steps"], checked["guidance_scale"]
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}.")
@@ -475,7 +480,10 @@ class LensPipeline:
         )
         if known is not None:
             known = tuple(parallel.put(k, parallel.batch_sharding(mesh, batch, 3)) for k in known)
-        dit_params = self.dit_params if dit_params is None else dit_params
+        if dit_params is None:
+            dit_params = self.dit_params
+        else:  # laid out like the pipeline's own (host numpy, another device, a mesh): one compiled program
+            dit_params = jax.tree.map(lambda x, ref: parallel.put(x, ref.sharding), dit_params, self.dit_params)
         final, image, trajectory = sampler_lib.run(programs, spec, dit_params, self.vae_params, *args,
                                                    callback=callback, known=known)
         final = parallel.to_host(final)
@@ -597,7 +605,7 @@ class LensPipeline:
             self._programs[key] = fn
         return self._programs[key]
 
-    def rewrite_prompts(self, prompts, seed: int = 0) -> list[str]:
+    def rewrite_prompts(self, prompts: str | Sequence[str], seed: int = 0) -> list[str]:
         """Prompts -> the reasoner's rewrites (`configure_reasoner` picks the route; default: local GPT-OSS)."""
         prompts = _as_list(prompts, "prompt")
         reasoner = reasoner_lib.make_reasoner(lambda: self.text_encoder, self.tokenizer,

@@ -164,6 +164,32 @@ def png_bytes_bound(height: int, width: int, count: int) -> int:
     return count * (height * width * 3 + height + 64 * 1024)
 
 
+def check_params_like(params: Any, reference: Any, name: str = "dit_params") -> None:
+    """`params` must have `reference`'s tree (same keys, same leaf shapes): the compiled programs
+    take either. Raises `InputError` naming the first path that differs."""
+    import jax
+
+    def path_str(path) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path) or "(root)"
+
+    ref = dict(jax.tree_util.tree_flatten_with_path(reference)[0])
+    try:
+        got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    except Exception as e:  # noqa: BLE001 - not a pytree at all
+        raise InputError(f"{name} must be a parameter tree like the pipeline's dit_params; got {type(params).__name__} ({e}).") from None
+    for path, leaf in ref.items():
+        if path not in got:
+            raise InputError(f"{name} lacks {path_str(path)} {tuple(np.shape(leaf))}: pass a tree with the "
+                             "pipeline's structure (e.g. a modified copy of pipe.dit_params).")
+        if np.shape(got[path]) != np.shape(leaf):
+            raise InputError(f"{name}: {path_str(path)} has shape {tuple(np.shape(got[path]))}; this pipeline's DiT "
+                             f"needs {tuple(np.shape(leaf))}.")
+    extra = [path_str(p) for p in got if p not in ref]
+    if extra:
+        raise InputError(f"{name} has {extra[0]}, which this pipeline's DiT does not have"
+                         f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}.")
+
+
 def check_call(*, prompt: Any, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
                num_images_per_prompt: Any, seed: Any, latents: Any, prompt_embeds: Sequence[Any] | None) -> dict:
     """Every scalar/typed argument of `LensPipeline.__call__`, normalised (see the module rules)."""

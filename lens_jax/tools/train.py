@@ -14,6 +14,7 @@ from pathlib import Path
 from .runtime import enable_compilation_cache
 
 TINY_RANDOM = "tiny-random"
+LORA_FILE = "lora.safetensors"  # a LoRA run's final adapter (PEFT format; `--lora` and `pipe.load_lora` read it)
 
 
 def add_parser(sub) -> None:
@@ -99,6 +100,21 @@ def make_sampler(cfg, parts, trainer):
     return sample_fn
 
 
+def write_adapter(cfg, state: dict) -> Path:
+    """The trained LoRA (EMA weights when kept) as `train.output_dir/lora.safetensors`, PEFT/diffusers format."""
+    import jax
+
+    from lens_jax import parallel
+    from lens_jax.weights import lora_formats
+
+    trained = state["ema"] if "ema" in state else state["params"]
+    host = jax.tree.map(parallel.to_host, trained)  # every host joins the gather; host 0 writes
+    path = Path(cfg.train.output_dir) / LORA_FILE
+    if jax.process_index() == 0:
+        lora_formats.save(host, path, format="peft")
+    return path
+
+
 def run(args) -> int:
     from lens_jax.errors import LensError
     from lens_jax.training.config import load_config
@@ -130,8 +146,11 @@ def run(args) -> int:
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         state = trainer.fit(sample_fn)
         trainer.close()
+        adapter_file = write_adapter(cfg, state) if cfg.lora.enabled else None
     except LensError as e:
         print(f"lens-jax: error: {e}", file=sys.stderr)
         return 2
     print(f"trained to step {int(jax.device_get(state['step']))}; checkpoints in {trainer.checkpoint_dir}")
+    if adapter_file is not None:
+        print(f"LoRA adapter: {adapter_file} (lens-jax generate --lora {adapter_file})")
     return 0

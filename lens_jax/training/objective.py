@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from ..models import transformer as dit
 from ..sampling.scheduler import compute_empirical_mu
@@ -50,13 +51,13 @@ def flow_matching_loss(
     sigma: jax.Array,
     encoder_hidden_states: Sequence[jax.Array],
     encoder_hidden_states_mask: jax.Array,
-    img_shapes,
+    img_shapes: Sequence[tuple[int, int, int]],
     lora: Any = None,
     lora_multiplier: float = 1.0,
     *,
-    compute_dtype=None,
+    compute_dtype: DTypeLike | None = None,
     attention_impl: str | None = None,
-    sharding=None,
+    sharding: Any = None,
     remat: str | None = None,
     weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -111,6 +112,7 @@ class TimestepSampler:
             raise ValueError(f"logit-normal std must be > 0; got {self.std}.")
 
     def mu(self, image_seq_len: int) -> float:
+        """The exponential shift's mu for images of `image_seq_len` tokens (the inference schedule's)."""
         return compute_empirical_mu(image_seq_len, self.shift_steps)
 
 

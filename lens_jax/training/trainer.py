@@ -34,6 +34,7 @@ from ..models import lora as lora_lib
 from ..models import transformer as dit
 from .config import LoraConfig, ModelConfig, OptimConfig, TimestepConfig, TrainConfig
 from .objective import TimestepSampler, flow_matching_loss, sample_sigmas
+from .results import write_run_info
 
 __all__ = ["Trainer", "StepSpec", "make_optimizer", "learning_rate_schedule", "make_train_step", "train_step",
            "step_flops", "init_state"]
@@ -202,7 +203,10 @@ class Trainer:
 
     base_params: the DiT params (float32; host or device). Full fine-tuning trains a float32
     copy; LoRA keeps them frozen (sharded) and trains an adapter. `batches`: a
-    `CachedBatches` (anything with `iterator(state)` yielding dicts of latents/features/mask/grid).
+    `CachedBatches`, or anything whose `iterator(state)` (state: None, or what `get_state()` returned)
+    gives an iterator with `get_state()` (saved with every checkpoint, e.g. grain's
+    `DatasetIterator`) yielding dicts of `latents` [B, h*w, C], `features` (one [B, S, enc] array
+    per text layer), `mask` [B, S] and `grid` (h, w).
     """
 
     def __init__(self, cfg: TrainConfig, dit_config: dit.TransformerConfig, base_params: Params, batches,
@@ -309,6 +313,8 @@ class Trainer:
     def _writers(self) -> _Writers:
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:  # the DiT config, so that results.load_trained can export the run
+            write_run_info(out, self.dit_config)
         tb = None
         if self.cfg.train.tensorboard and jax.process_index() == 0:
             try:
@@ -332,7 +338,13 @@ class Trainer:
         state, it_state = self.restore()
         start = int(jax.device_get(state["step"]))
         end = self.total_micro_steps if stop_at is None else min(stop_at, self.total_micro_steps)
+        if not callable(getattr(self.batches, "iterator", None)):  # None is fine for restore / save alone
+            raise InputError(f"batches must have iterator(state) -> an iterator with get_state(), like "
+                             f"lens_jax.training.data.CachedBatches; got {type(self.batches).__name__}.")
         iterator = self.batches.iterator(it_state)
+        if not callable(getattr(iterator, "get_state", None)):  # checked now, not at the first checkpoint
+            raise InputError(f"batches.iterator(state) returned a {type(iterator).__name__} without get_state(); the "
+                             "trainer saves the data position with every checkpoint (grain's DatasetIterator has it).")
         writers = self._writers()
         bar = tqdm(total=end, initial=start, desc="training", unit="step",
                    disable=not cfg.progress or jax.process_index() != 0)

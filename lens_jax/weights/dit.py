@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from .mapping import COPY, LINEAR, Rule, Transform, convert_state_dict, expected_shapes, to_state_dict, unflatten
@@ -74,13 +76,18 @@ def dit_rules(config: TransformerConfig) -> list[Rule]:
     ]
 
 
-def to_torch_state_dict(params, config: TransformerConfig | None = None) -> dict[str, np.ndarray]:
+def to_torch_state_dict(params: Mapping[str, Any], config: TransformerConfig | None = None) -> dict[str, np.ndarray]:
     """The inverse of conversion: DiT params (or a gradient pytree of them) -> upstream PyTorch names and layouts.
 
     Linear kernels go back to [out, in], the fused qkv to [3 * inner, d], stacked blocks to
     `transformer_blocks.{i}.*`. Leaves keep their dtype. `config` is accepted for symmetry
     with `load` (the tree's shapes already say everything).
     """
+    if not isinstance(params, Mapping) or "transformer_blocks" not in params:
+        hint = (" it looks like a LoRA adapter: lens_jax.lora.state_dict(adapter, format) writes those"
+                if isinstance(params, Mapping) and any(isinstance(k, str) and "." in k for k in params) else "")
+        raise CheckpointError(f"to_torch_state_dict takes the DiT parameter tree (keys img_in, transformer_blocks, "
+                              f"...);{hint or ' got ' + type(params).__name__ + ' without transformer_blocks'}.")
     mode = quant.params_mode(params)
     if mode is not None:  # int8 / fp8 kernels without their scales would load as garbage upstream
         raise CheckpointError(f"these DiT parameters are quantised ({mode}); PyTorch export needs float weights: export "
@@ -135,15 +142,40 @@ def convert_dit_weights(reader: SafetensorsReader, config, dtype, source_prefix:
     return unflatten(flat)
 
 
+DIT_CLASS = "LensTransformer2DModel"
+_DIT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "enc_hidden_dim")
+
+
+def read_config(config_path: str | os.PathLike) -> TransformerConfig:
+    """A DiT `config.json` -> TransformerConfig; another component's config is a CheckpointError naming it."""
+    import json
+
+    path = Path(config_path)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+    d = d if isinstance(d, dict) else {}
+    # a diffusers config names its class; a transformers one (the text encoder's) its architecture
+    cls = d.get("_class_name") or d.get("model_type") or (d.get("architectures") or [None])[0]
+    if (cls is not None and cls != DIT_CLASS) or not any(k in d for k in _DIT_KEYS):
+        raise CheckpointError(
+            f"{path} is not a Lens DiT config ({f'it is {cls!r}' if cls else 'none of ' + ', '.join(_DIT_KEYS)}); "
+            f"pass the pipeline's transformer/ folder (its config.json has _class_name {DIT_CLASS!r})."
+        )
+    return TransformerConfig.from_dict(d)
+
+
 def convert_transformer(path: str | os.PathLike, dtype=np.float32, progress=None):
     """Read an upstream `transformer/` folder -> (TransformerConfig, params with numpy leaves)."""
     weights, config_path = _weights_and_config(path)
-    config = TransformerConfig.from_json(config_path)
+    config = read_config(config_path)
     reader = open_checkpoint(weights)
     return config, convert_dit_weights(reader, config, dtype, progress=progress)
 
 
-def load(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=None) -> LensTransformer:
+def load(path: str | os.PathLike, dtype: DTypeLike = jnp.float32,
+         compute_dtype: DTypeLike | None = None) -> LensTransformer:
     """Load an upstream `transformer/` folder (config.json + safetensors, single or sharded).
 
     `path` may also be a single safetensors file with a `config.json` beside it.

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
+from jax.typing import DTypeLike
 
 from ..models.dtypes import resolve_dtype
 from ..models.transformer import TransformerConfig
@@ -35,7 +38,8 @@ def _host_state_dict(params, config, dtype) -> dict[str, np.ndarray]:
     return sd
 
 
-def export_diffusers(params, config: TransformerConfig, folder: str | os.PathLike, dtype=None,
+def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folder: str | os.PathLike,
+                     dtype: DTypeLike | str | None = None,
                      max_shard_bytes: int = 10 * 1024**3) -> Path:
     """Write a diffusers `transformer/` folder: config.json + safetensors (sharded with an index past max_shard_bytes).
 
@@ -46,6 +50,12 @@ def export_diffusers(params, config: TransformerConfig, folder: str | os.PathLik
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     sd = _host_state_dict(params, config, dtype)
+    # An earlier export here (sharded or not) would otherwise be what loaders find: its index wins.
+    stem, ext = DIFFUSERS_WEIGHTS.rsplit(".", 1)
+    stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{ext}(\.index\.json)?")
+    for old in out.iterdir():
+        if old.is_file() and stale.fullmatch(old.name):
+            old.unlink()
     cfg = {**config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION}
     (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -60,7 +70,6 @@ def export_diffusers(params, config: TransformerConfig, folder: str | os.PathLik
     if len(shards) == 1:
         save_file(shards[0], str(out / DIFFUSERS_WEIGHTS), metadata=meta)
         return out
-    stem, ext = DIFFUSERS_WEIGHTS.rsplit(".", 1)
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
@@ -71,7 +80,8 @@ def export_diffusers(params, config: TransformerConfig, folder: str | os.PathLik
     return out
 
 
-def export_comfy(params, path: str | os.PathLike, config: TransformerConfig | None = None, dtype=None,
+def export_comfy(params: Mapping[str, Any], path: str | os.PathLike, config: TransformerConfig | None = None,
+                 dtype: DTypeLike | str | None = None,
                  prefix: str = COMFY_PREFIX) -> Path:
     """Write a ComfyUI single-file DiT: every upstream name behind `model.diffusion_model.`."""
     from safetensors.numpy import save_file

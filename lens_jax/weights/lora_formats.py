@@ -24,9 +24,10 @@ import re
 import struct
 from collections import Counter
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import jax
+from jax.typing import DTypeLike
 import numpy as np
 
 from ..errors import CheckpointError, CheckpointNotFoundError, InputError, LayoutError
@@ -92,7 +93,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     return {k: reader.get(k) for k in reader.keys()}, _read_metadata(p)
 
 
-def detect_format(keys) -> str:
+def detect_format(keys: Iterable[str]) -> str:
     """'peft', 'kohya' or 'comfy' from the tensor names; `LayoutError` when none fits."""
     keys = list(keys)
     if keys and all(k.startswith(KOHYA_PREFIX) for k in keys):
@@ -230,7 +231,8 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str] |
     return adapter
 
 
-def load(path: str | os.PathLike, config: TransformerConfig | None = None, dtype=None) -> dict[str, LoraWeights]:
+def load(path: str | os.PathLike, config: TransformerConfig | None = None,
+         dtype: DTypeLike | None = None) -> dict[str, LoraWeights]:
     """Read a LoRA file of any of the three formats (detected from the names) -> adapter pytree (numpy leaves).
 
     `config` (the DiT's) fixes the number of blocks and checks every shape; `dtype` casts A and B.

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from ..errors import CheckpointError, CheckpointNotFoundError
@@ -242,9 +243,9 @@ def default_selected_layers(folder: Path, config: TextEncoderConfig) -> tuple[in
     return (config.num_hidden_layers - 1,)
 
 
-def load(path: str | os.PathLike, selected_layers: Sequence[int] | None = None, dtype=jnp.float32,
+def load(path: str | os.PathLike, selected_layers: Sequence[int] | None = None, dtype: DTypeLike = jnp.float32,
          keep_mxfp4: bool | None = None, moe_impl: str = "auto", moe_chunk: int | None = None,
-         place=None, causal_lm: bool = False) -> CausalLM:
+         place: Callable[[dict], dict] | None = None, causal_lm: bool = False) -> CausalLM:
     """Load an HF-format GPT-OSS folder (config.json + safetensors; float or MXFP4 experts).
 
     `selected_layers`: the feature layers (None: `default_selected_layers`; a dtype given in this

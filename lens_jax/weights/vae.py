@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from ..errors import CheckpointError
 from ..models.vae.config import VAEConfig
@@ -221,7 +222,7 @@ def convert_vae(path: str | os.PathLike, dtype=jnp.float32, *, config: VAEConfig
     return config, unflatten(flat)
 
 
-def load(path: str | os.PathLike, dtype=jnp.float32, *, config: VAEConfig | None = None) -> VAE:
+def load(path: str | os.PathLike, dtype: DTypeLike = jnp.float32, *, config: VAEConfig | None = None) -> VAE:
     """Load a FLUX.2 VAE from a diffusers `vae/` folder (config.json + safetensors).
 
     Also accepts a single safetensors file in diffusers or original BFL (`ae.safetensors`)

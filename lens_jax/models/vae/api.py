@@ -10,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from . import model
@@ -136,29 +137,30 @@ class VAE:
 
     @property
     def dtype(self) -> jnp.dtype:
+        """The parameters' dtype."""
         return self.params["decoder"]["conv_in"]["kernel"].dtype
 
-    def decode(self, z, *, tiled: bool | Tiling = False) -> jax.Array:
+    def decode(self, z: ArrayLike, *, tiled: bool | Tiling = False) -> jax.Array:
         """`vae.decode(z).sample`: latent [B, C, h, w] -> image [B, 3, 8h, 8w] (unclamped)."""
         z = _as_array(z)
         _check_latent(z, self.config, "NCHW")
         out = _decode_jit(self.params, self.config, _nchw_to_nhwc(z), tiling=_tiling_arg(tiled))
         return _nhwc_to_nchw(out)
 
-    def encode(self, x) -> jax.Array:
+    def encode(self, x: ArrayLike) -> jax.Array:
         """`vae.encode(x).latent_dist.mode()`: image [B, 3, H, W] in [-1, 1] -> latent [B, C, h, w]."""
         x = _as_array(x)
         _check_image(x, self.config, "NCHW")
         return _nhwc_to_nchw(_encode_jit(self.params, self.config, _nchw_to_nhwc(x)))
 
-    def encode_moments(self, x) -> tuple[jax.Array, jax.Array]:
+    def encode_moments(self, x: ArrayLike) -> tuple[jax.Array, jax.Array]:
         """(mean, logvar) of the latent posterior, each [B, C, h, w]."""
         x = _as_array(x)
         _check_image(x, self.config, "NCHW")
         mean, logvar = _encode_moments_jit(self.params, self.config, _nchw_to_nhwc(x))
         return _nhwc_to_nchw(mean), _nhwc_to_nchw(logvar)
 
-    def decode_tokens(self, tokens, latent_h: int, latent_w: int, *, tiled: bool | Tiling = False) -> jax.Array:
+    def decode_tokens(self, tokens: ArrayLike, latent_h: int, latent_w: int, *, tiled: bool | Tiling = False) -> jax.Array:
         """Lens tokens [B, h*w, 4C] on an h x w grid -> image [B, 3, 16h, 16w] in about [-1, 1] (unclamped)."""
         tokens = _as_array(tokens)
         _check_tokens(tokens, self.config, int(latent_h), int(latent_w))
@@ -166,7 +168,7 @@ class VAE:
                                  tiling=_tiling_arg(tiled))
         return _nhwc_to_nchw(out)
 
-    def encode_to_tokens(self, image) -> jax.Array:
+    def encode_to_tokens(self, image: ArrayLike) -> jax.Array:
         """Image [B, 3, H, W] in [-1, 1], H and W multiples of 16 -> normalised tokens [B, H*W/256, 4C]."""
         image = _as_array(image)
         _check_image(image, self.config, "NCHW", multiple=self.config.token_factor)

@@ -68,6 +68,7 @@ class VAEConfig:
 
     @property
     def decoder_channels(self) -> tuple[int, ...]:
+        """Channels per decoder level (diffusers' `decoder_block_out_channels`, else the encoder's)."""
         return self.decoder_block_out_channels or self.block_out_channels
 
     @property
@@ -87,6 +88,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
+        """From a diffusers `vae/config.json` dict; unknown keys or another class are a ValueError."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - _IGNORED_KEYS)
         if unknown:

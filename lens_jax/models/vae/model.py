@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from .config import VAEConfig
 from .layers import (
@@ -72,7 +73,7 @@ class _Init:
         return p
 
 
-def init_params(config: VAEConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+def init_params(config: VAEConfig, key: jax.Array, dtype: DTypeLike = jnp.float32) -> Params:
     """Random parameters with the checkpoint's structure and shapes (BN buffers: mean 0, var 1)."""
     init = _Init(key, dtype)
     chans = config.block_out_channels
