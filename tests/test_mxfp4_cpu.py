@@ -104,8 +104,3 @@ def test_tiled_with_float_experts_is_grouped():
     run = jax.jit(lambda x: [T.moe(x, floats, 0, w, idx, cfg, impl) for impl in ("tiled", "grouped")])
     tiled, grouped = (np.asarray(o) for o in run(x))
     np.testing.assert_array_equal(tiled, grouped)
-
-
-def test_tiled_chunk_is_a_quarter_of_the_grouped_chunk():
-    assert [T.tiled_chunk(n, 32) for n in (16, 256, 1024, 4096, 10**6)] == [8, 8, 8, 32, 64]
-    assert all(T.tiled_chunk(n, 32) == max(8, T.default_chunk(n, 32) // 4) for n in (1, 100, 3000))

@@ -556,14 +556,6 @@ def default_chunk(num_rows: int, num_experts: int) -> int:
     return int(min(256, max(8, 1 << (mean - 1).bit_length())))
 
 
-def tiled_chunk(num_rows: int, num_experts: int) -> int:
-    """Rows per chunk for the "tiled" dispatch: a quarter of `default_chunk` (at least 8). Its decoded tile
-    is shared by all chunks of an expert, so smaller chunks only trim the padding of each expert's last
-    one; one real-width layer, CPU time: 256 tokens 1.0 s with 8 rows against 1.15 s with 32, 1024
-    tokens 3.2-3.3 s with 16-32 against 3.9 s with 128 (docs/benchmarks.md)."""
-    return max(8, default_chunk(num_rows, num_experts) // 4)
-
-
 def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Array, router_idx: jax.Array,
         config: TextEncoderConfig, impl: str = "auto", chunk: int | None = None) -> jax.Array:
     """Mixture of experts over tokens x [T, hidden] for decoder layer `layer`.
@@ -621,7 +613,7 @@ def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Arr
     elif impl == "grouped" or (impl == "tiled" and "gate_up_proj_blocks" not in experts):  # float: nothing to tile
         ys = _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or default_chunk(t * k, n_exp))
     elif impl == "tiled":
-        ys = _tiled_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or tiled_chunk(t * k, n_exp))
+        ys = _tiled_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or default_chunk(t * k, n_exp))
     else:
         raise ValueError(f"unknown moe_impl {impl!r}; choose one of {MOE_IMPLS}.")
 
