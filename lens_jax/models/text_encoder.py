@@ -82,8 +82,8 @@ MOE_DISPATCH: tuple[MoeDispatch, ...] = (
     MoeDispatch("cpu", 0, None, "tiled", True,
                 "measured on CPU at the real GPT-OSS shape (scripts/benchmark_moe.py): grouped was fastest at "
                 "64 / 192 / 1024 tokens; tiled (grouped, decoding MXFP4 experts tile by tile next to the "
-                "matmuls) beats it at every count (docs/benchmarks.md, MXFP4 decode on CPU); float experts "
-                "run the grouped code under either name"),
+                "matmuls) beats it at 256 and 1024 tokens, 64 not re-measured (docs/benchmarks.md, MXFP4 "
+                "experts on CPU); float experts run the grouped code under either name"),
     MoeDispatch("gpu", 0, 256, "grouped", False,
                 "unmeasured (no GPU this session): few tokens touch few experts, and grouped reads and "
                 "dequantises only those; dense and ragged dequantise all 32 experts of the layer"),
