@@ -26,8 +26,8 @@ CROSS_REL = 2e-6
 PACKED = FIXTURES / "tiny_lens" / "text_encoder_mxfp4"
 
 # (impl, moe_chunk): every dispatch, "auto", and a grouped chunk small enough for several chunks per expert
-# ("auto" is the table's pick: grouped on CPU, covered by test_resolve)
-VARIANTS = [("grouped", None), ("grouped", 3), ("ragged", None), ("dense", None)]
+# ("auto" is the table's pick: tiled on CPU, covered by test_resolve)
+VARIANTS = [("grouped", None), ("grouped", 3), ("tiled", None), ("tiled", 3), ("ragged", None), ("dense", None)]
 
 
 def _experts(cfg, seed: int, packed: bool) -> dict:
@@ -64,7 +64,7 @@ def test_unmeasured_rows_say_so():
 
 
 @pytest.mark.parametrize("backend,tokens,expected", [
-    ("cpu", 1, "grouped"), ("cpu", 64, "grouped"), ("cpu", 1024, "grouped"), ("cpu", 10**6, "grouped"),
+    ("cpu", 1, "tiled"), ("cpu", 64, "tiled"), ("cpu", 1024, "tiled"), ("cpu", 10**6, "tiled"),
     ("gpu", 8, "grouped"), ("cuda", 1024, "dense"), ("rocm", 255, "grouped"), ("gpu", 4096, "grouped"),
     ("tpu", 1024, "grouped"), ("metal", 64, "grouped"),  # no row: the portable fallback
 ])

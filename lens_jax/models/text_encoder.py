@@ -22,6 +22,9 @@ MoE dispatch (`moe_impl`):
     count), so the FLOPs follow the routed rows (plus at most one partial chunk per expert),
     each expert's weights are read / dequantised at most once per layer and experts that
     received no token are skipped. Works with plain XLA on every backend.
+  * "tiled": grouped, but each MXFP4 expert matrix is decoded a tile of rows at a time (about
+    `TILE_BYTES` of floats) right before the matmuls that read it, so no whole expert is
+    materialised in float; the default on CPU. Float experts run "grouped".
   * "ragged": the same sorted rows through `jax.lax.ragged_dot`; fast only where XLA lowers
     ragged dots natively (TPU; some GPU stacks). JAX 0.10 on CPU (and by default on GPU)
     expands it to a dense masked product over all experts.
@@ -53,7 +56,7 @@ Params = dict
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
-MOE_FIXED_IMPLS = ("grouped", "ragged", "dense")
+MOE_FIXED_IMPLS = ("grouped", "tiled", "ragged", "dense")
 MOE_IMPLS = ("auto", *MOE_FIXED_IMPLS)
 
 
@@ -76,10 +79,11 @@ class MoeDispatch:
 # `moe_impl="auto"` (the default) reads this table with the backend the program is lowered for and
 # the number of tokens routed in one call (batch x sequence). A fixed `moe_impl` overrides it.
 MOE_DISPATCH: tuple[MoeDispatch, ...] = (
-    MoeDispatch("cpu", 0, None, "grouped", True,
-                "measured on CPU at the real GPT-OSS shape for 64 / 192 / 1024 tokens "
-                "(scripts/benchmark_moe.py): fastest at every count; re-measured with the gather-free MXFP4 "
-                "decode (docs/benchmarks.md, MXFP4 decode): grouped 0.6x dense's CPU time at 64 tokens"),
+    MoeDispatch("cpu", 0, None, "tiled", True,
+                "measured on CPU at the real GPT-OSS shape (scripts/benchmark_moe.py): grouped was fastest at "
+                "64 / 192 / 1024 tokens; tiled (grouped, decoding MXFP4 experts tile by tile next to the "
+                "matmuls) beats it at 256 and 1024 tokens, 64 not re-measured (docs/benchmarks.md, MXFP4 "
+                "experts on CPU); float experts run the grouped code under either name"),
     MoeDispatch("gpu", 0, 256, "grouped", False,
                 "unmeasured (no GPU this session): few tokens touch few experts, and grouped reads and "
                 "dequantises only those; dense and ragged dequantise all 32 experts of the layer"),
@@ -606,8 +610,10 @@ def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Arr
             return jax.lax.ragged_dot_general(mid, w_d, sizes, dims) + d_bias[sorted_e]
 
         ys = _with_decode(experts, (layer,), dtype, ragged_experts)
-    elif impl == "grouped":
+    elif impl == "grouped" or (impl == "tiled" and "gate_up_proj_blocks" not in experts):  # float: nothing to tile
         ys = _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or default_chunk(t * k, n_exp))
+    elif impl == "tiled":
+        ys = _tiled_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or default_chunk(t * k, n_exp))
     else:
         raise ValueError(f"unknown moe_impl {impl!r}; choose one of {MOE_IMPLS}.")
 
@@ -653,6 +659,90 @@ def _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk: int
 
     out, _ = jax.lax.scan(body, jnp.zeros((n + chunk, h), dtype), jnp.arange(sizes.shape[0]))
     return out[:n]
+
+
+# Decoded bytes of one weight tile in the "tiled" dispatch. One MoE layer at the real width, 256 tokens,
+# CPU time (docs/benchmarks.md, "MXFP4 experts on CPU"): 0.25 MiB tiles 2.3-2.6 s, 1 MiB 1.5 s, 4-8 MiB
+# 1.0-1.1 s, 32 MiB 1.1-1.2 s, a whole expert (66 MiB) 1.2-1.3 s: small tiles pay per-dot overhead,
+# whole experts leave the cache.
+TILE_BYTES = 4 << 20
+
+
+def tile_rows(rows: int, cols: int, itemsize: int, budget: int | None = None) -> int:
+    """Rows per decoded tile of a [rows, cols] weight: the largest divisor of `rows` whose tile fits
+    `budget` bytes (default `TILE_BYTES`; at least 1 row)."""
+    budget = TILE_BYTES if budget is None else budget
+    fits = [r for r in range(1, rows + 1) if rows % r == 0 and r * cols * itemsize <= budget]
+    return fits[-1] if fits else 1
+
+
+def _tiled_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk: int) -> jax.Array:
+    """`_grouped_experts` for MXFP4 experts, decoding each expert matrix tile by tile (`tile_rows` output
+    rows, about `TILE_BYTES` of floats) right before the matmuls that read it, so the decoded weights
+    stay in the core's cache and no whole expert is ever materialised in float.
+
+    Rows `xs` [N, h] sorted by expert (sizes [E]) -> expert outputs [N, h]. Per expert: each gate_up
+    tile times every row chunk of the expert fills its rows of a pre-activation buffer; the activation
+    runs chunk by chunk; then the down tiles likewise. Every product contracts the whole input
+    dimension, like the other dispatches (only float32 summation order inside a dot may differ).
+
+    Activations are kept transposed ([features, rows]) so that every dot is tile [r, in] @ rows [in, c]
+    in the layouts XLA:CPU's dot reads without repacking. Experts without rows run no tile; the fast /
+    general decode choice is a `lax.cond` on the tile alone (a switch carrying the row buffers made
+    XLA copy all of them per expert).
+    """
+    n, h = xs.shape
+    dtype = xs.dtype
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    rows = n + chunk  # spare columns: a chunk never runs past the buffers
+    xt = jnp.concatenate([xs, jnp.zeros((chunk, h), dtype)]).T  # [h, rows]
+    two_i = experts["gate_up_proj_blocks"].shape[2]
+    itemsize = jnp.dtype(dtype).itemsize
+
+    def matmul_tiles(name, e, rows_in, out, bias, n_chunks):
+        """out[:, expert rows] = W_e @ rows_in[:, expert rows] + bias, W_e [out, in] decoded tile by tile."""
+        blocks, scales = experts[f"{name}_blocks"], experts[f"{name}_scales"]
+        n_out, groups = blocks.shape[2], blocks.shape[3]
+        r = tile_rows(n_out, groups * mxfp4.BLOCK, itemsize)
+        fast = _fast_decode_ok(experts, (layer, e), dtype)
+
+        def tile(t, out):
+            b = jax.lax.dynamic_slice(blocks, (layer, e, t * r, 0, 0), (1, 1, r, groups, blocks.shape[4]))[0, 0]
+            sc = jax.lax.dynamic_slice(scales, (layer, e, t * r, 0), (1, 1, r, groups))[0, 0]
+            one = {f"{name}_blocks": b[None, None], f"{name}_scales": sc[None, None]}
+            stored = _expert_weight(one, name, (0, 0), dtype, True)[1]  # static: which operand axis is `in`
+            w = jax.lax.cond(fast, lambda: _expert_weight(one, name, (0, 0), dtype, True)[0],
+                             lambda: _expert_weight(one, name, (0, 0), dtype, False)[0])
+            b_t = jax.lax.dynamic_slice_in_dim(bias, t * r, r)[:, None]
+
+            def run_chunk(j, out):
+                # as in `_grouped_experts`: the last chunk spills into later experts' columns, rewritten later
+                start = starts[e] + j * chunk
+                x_c = jax.lax.dynamic_slice_in_dim(rows_in, start, chunk, axis=1)
+                y = jax.lax.dot_general(w, x_c, (((1 if stored else 0,), (0,)), ((), ()))) + b_t
+                return jax.lax.dynamic_update_slice(out, y.astype(out.dtype), (t * r, start))
+
+            return jax.lax.fori_loop(0, n_chunks, run_chunk, out)
+
+        return jax.lax.fori_loop(0, jnp.where(n_chunks > 0, n_out // r, 0), tile, out)
+
+    def expert(e, carry):
+        out, mid, hidden = carry
+        n_chunks = (sizes[e] + chunk - 1) // chunk
+        mid = matmul_tiles("gate_up_proj", e, xt, mid, gu_bias[e], n_chunks)
+
+        def act_chunk(j, hidden):
+            start = starts[e] + j * chunk
+            pre = jax.lax.dynamic_slice_in_dim(mid, start, chunk, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(hidden, act(pre.T).T, start, axis=1)
+
+        hidden = jax.lax.fori_loop(0, n_chunks, act_chunk, hidden)
+        return matmul_tiles("down_proj", e, hidden, out, d_bias[e], n_chunks), mid, hidden
+
+    init = (jnp.zeros((h, rows), dtype), jnp.zeros((two_i, rows), dtype), jnp.zeros((two_i // 2, rows), dtype))
+    out, _, _ = jax.lax.fori_loop(0, sizes.shape[0], expert, init)
+    return out[:, :n].T
 
 
 # ----------------------------------------------------------------------------- forward
