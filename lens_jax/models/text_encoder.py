@@ -191,10 +191,12 @@ class TextEncoderConfig:
 
     @property
     def num_key_value_groups(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TextEncoderConfig":
+        """The config from a transformers GPT-OSS `config.json` dict (`model_type` must be "gpt_oss")."""
         model_type = d.get("model_type")
         if model_type != "gpt_oss":
             raise ValueError(
@@ -232,6 +234,7 @@ class TextEncoderConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "TextEncoderConfig":
+        """The config from a transformers GPT-OSS `config.json` file."""
         p = Path(path)
         try:
             d = json.loads(p.read_text())
@@ -340,7 +343,7 @@ def _expert_scale_byte(fan_in: int) -> int:
     return int(mxfp4.SCALE_BIAS - round(math.log2(3.0 * math.sqrt(fan_in))))
 
 
-def init_params(config: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, packed: bool = False,
+def init_params(config: TextEncoderConfig, key: jax.Array, dtype: Any = jnp.float32, packed: bool = False,
                 lm_head: bool = False) -> Params:
     """Random parameters (normal, std 1/sqrt(fan_in); sinks N(0, 1); small biases).
 
@@ -874,9 +877,20 @@ class TextEncoder:
 
     @property
     def dtype(self) -> jnp.dtype:
+        """The compute dtype: that of the embedding table."""
         return self.params["embed_tokens"]["embedding"].dtype
 
-    def __call__(self, input_ids, attention_mask=None) -> list[jax.Array]:
+    def __call__(self, input_ids: Any, attention_mask: Any = None) -> list[jax.Array]:
+        """input_ids [B, S] integer token ids, attention_mask [B, S] (1 = token, 0 = right padding; default
+        all ones) -> one [B, S, hidden] array per selected layer."""
+        if not isinstance(input_ids, jax.core.Tracer):  # concrete ids: checked before any work
+            ids = np.asarray(input_ids)
+            if ids.size and not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}; tokenize the prompt first.")
+            vocab = self.config.vocab_size
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in "
+                                 f"[{ids.min()}, {ids.max()}]; use this checkpoint's tokenizer.")
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
