@@ -16,6 +16,8 @@ import pytest
 from lens_jax.models import mxfp4
 from lens_jax.models import text_encoder as T
 
+from .test_mxfp4_decode import packed_experts
+
 CROSS_REL = 2e-6
 
 
@@ -59,12 +61,8 @@ def _layer(seed: int):
                               num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=8,
                               num_experts_per_tok=2, sliding_window=4, layer_types=(T.SLIDING,))
     rng = np.random.default_rng(seed)
-    e, h, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    packed = {"gate_up_proj_bias": rng.normal(0, 0.02, (1, e, 2 * inter)).astype(np.float32),
-              "down_proj_bias": rng.normal(0, 0.02, (1, e, h)).astype(np.float32)}
-    for name, fan_in, fan_out in (("gate_up_proj", h, 2 * inter), ("down_proj", inter, h)):
-        w = rng.normal(0, fan_in**-0.5, (1, e, fan_out, fan_in))  # stored [out, in]
-        packed[f"{name}_blocks"], packed[f"{name}_scales"] = mxfp4.quantize_np(w)
+    h = cfg.hidden_size
+    packed = packed_experts(rng, cfg)
     t = 24
     x = rng.standard_normal((t, h)).astype(np.float32)
     idx = np.stack([rng.choice([0, 2, 3, 5, 6], 2, replace=False) for _ in range(t)]).astype(np.int32)

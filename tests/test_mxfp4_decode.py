@@ -90,9 +90,9 @@ CFG = T.TextEncoderConfig(vocab_size=8, hidden_size=64, intermediate_size=96, nu
 TOKENS = 8
 
 
-def _packed_experts(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    e, h, inter = CFG.num_local_experts, CFG.hidden_size, CFG.intermediate_size
+def packed_experts(rng: np.random.Generator, cfg: T.TextEncoderConfig = CFG) -> dict:
+    """One layer of MXFP4-packed experts for `cfg` ([1, E, ...] leaves, float32 biases), drawn from `rng`."""
+    e, h, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     out = {"gate_up_proj_bias": rng.normal(0, 0.02, (1, e, 2 * inter)).astype(np.float32),
            "down_proj_bias": rng.normal(0, 0.02, (1, e, h)).astype(np.float32)}
     for name, fan_in, fan_out in (("gate_up_proj", h, 2 * inter), ("down_proj", inter, h)):
@@ -159,7 +159,7 @@ def _legacy_expert_weight(experts, name, index, dtype):
 def test_packed_moe_has_no_weight_gather_or_transpose(impl, monkeypatch):
     """The packed MoE decodes with integer ops (no table gather over the weights) and contracts the
     stored [out, in] layout (no transposed copy of an expert matrix); and the check catches both."""
-    experts = jax.tree.map(jnp.asarray, _packed_experts())
+    experts = jax.tree.map(jnp.asarray, packed_experts(np.random.default_rng(0)))
     closed, packed = _moe_jaxpr(experts, impl)
     names = {e.primitive.name for e in _all_eqns(closed.jaxpr)}
     assert "bitcast_convert_type" in names and names & {"dot_general", "ragged_dot_general"}
@@ -183,7 +183,7 @@ def _all_eqns(jaxpr):
 def test_general_decode_branch_in_the_moe():
     """An expert with scale bytes outside the direct decode's range takes the general decode inside
     every dispatch; all agree with float experts holding `dequantize_np`'s weights."""
-    packed = _packed_experts(1)
+    packed = packed_experts(np.random.default_rng(1))
     packed["gate_up_proj_scales"][0, 1, 3, 0] = 1  # expert 1: one block of subnormal (tiny) values
     packed["down_proj_scales"][0, 2, 5, 1] = 255  # expert 2: one block at the top scale byte, holding
     packed["down_proj_blocks"][0, 2, 5, 1] = 0x80  # only zeros and -0s (anything else would be +-inf)
