@@ -364,3 +364,33 @@ def test_text_encoder_rejects_non_token_ids(ids, message):
     te = TE.TextEncoder(cfg, TE.init_params(cfg, jax.random.key(0)), selected_layers=(0,))
     with pytest.raises(ValueError, match=message):
         te(ids)
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), OSError("disk full")])
+def test_export_interrupted_leaves_the_earlier_export_and_no_partial_files(tmp_path, monkeypatch, interrupt):
+    """Before: the earlier export's weights were deleted first and the new shards written in place, so
+    Ctrl-C (or a full disk) mid-export left a folder with some new shards and no index."""
+    import safetensors.numpy
+
+    tr = T.load(TINY / "transformer")
+    T.export_diffusers(tr.params, tr.config, tmp_path / "transformer")
+    T.export_comfy(tr.params, tmp_path / "comfy.safetensors", tr.config)
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    real_save, calls = safetensors.numpy.save_file, []
+
+    def save_then_fail(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise interrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", save_then_fail)
+    newer = jax.tree.map(lambda a: a + 1, tr.params)
+    with pytest.raises(type(interrupt)):
+        T.export_diffusers(newer, tr.config, tmp_path / "transformer", max_shard_bytes=20_000)
+    calls.clear()
+    calls.append("first")  # the next save fails: the comfy file's only one
+    with pytest.raises(type(interrupt)):
+        T.export_comfy(newer, tmp_path / "comfy.safetensors", tr.config)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comfy.safetensors", "transformer"]

@@ -10,11 +10,14 @@ and back into lens-jax (`lens_jax.transformer.load(folder)`, `lens-jax convert -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from jax.typing import DTypeLike
@@ -38,26 +41,31 @@ def _host_state_dict(params, config, dtype) -> dict[str, np.ndarray]:
     return sd
 
 
+@contextlib.contextmanager
+def _staging_folder(beside: Path) -> Iterator[Path]:
+    """A hidden temporary folder next to `beside` (same filesystem, so files move in by rename); always removed."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{beside.name}.partial-", dir=beside.parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folder: str | os.PathLike,
                      dtype: DTypeLike | str | None = None,
                      max_shard_bytes: int = 10 * 1024**3) -> Path:
     """Write a diffusers `transformer/` folder: config.json + safetensors (sharded with an index past max_shard_bytes).
 
-    `dtype` (e.g. "bfloat16") casts every tensor; default: the params' own dtype.
+    `dtype` (e.g. "bfloat16") casts every tensor; default: the params' own dtype. Every file is
+    written in a staging folder first and moved in only when all are complete, so an error or
+    Ctrl-C while writing leaves the folder as it was.
     """
     from safetensors.numpy import save_file
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     sd = _host_state_dict(params, config, dtype)
-    # An earlier export here (sharded or not) would otherwise be what loaders find: its index wins.
     stem, ext = DIFFUSERS_WEIGHTS.rsplit(".", 1)
-    stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{ext}(\.index\.json)?")
-    for old in out.iterdir():
-        if old.is_file() and stale.fullmatch(old.name):
-            old.unlink()
-    cfg = {**config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION}
-    (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(sd):
@@ -67,27 +75,40 @@ def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folde
         shards[-1][name] = sd[name]
         size += sd[name].nbytes
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / DIFFUSERS_WEIGHTS), metadata=meta)
-        return out
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
-        save_file(shard, str(out / fname), metadata=meta)
-        weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": int(sum(v.nbytes for v in sd.values()))}, "weight_map": weight_map}
-    (out / f"{DIFFUSERS_WEIGHTS}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    cfg = {**config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION}
+    with _staging_folder(out) as stage:
+        (stage / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(stage / DIFFUSERS_WEIGHTS), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+                save_file(shard, str(stage / fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            index = {"metadata": {"total_size": int(sum(v.nbytes for v in sd.values()))}, "weight_map": weight_map}
+            (stage / f"{DIFFUSERS_WEIGHTS}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        # An earlier export here (sharded or not) would otherwise be what loaders find: its index wins.
+        stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{ext}(\.index\.json)?")
+        for old in out.iterdir():
+            if old.is_file() and stale.fullmatch(old.name):
+                old.unlink()
+        # The index last: a loader that finds it finds every shard it names.
+        for new in sorted(stage.iterdir(), key=lambda f: f.name.endswith(".index.json")):
+            os.replace(new, out / new.name)
     return out
 
 
 def export_comfy(params: Mapping[str, Any], path: str | os.PathLike, config: TransformerConfig | None = None,
                  dtype: DTypeLike | str | None = None,
                  prefix: str = COMFY_PREFIX) -> Path:
-    """Write a ComfyUI single-file DiT: every upstream name behind `model.diffusion_model.`."""
+    """Write a ComfyUI single-file DiT: every upstream name behind `model.diffusion_model.` (atomically)."""
     from safetensors.numpy import save_file
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     sd = _host_state_dict(params, config, dtype)
-    save_file({prefix + k: v for k, v in sd.items()}, str(p), metadata={"format": "pt"})
+    with _staging_folder(p) as stage:  # written whole, then renamed over `path`
+        save_file({prefix + k: v for k, v in sd.items()}, str(stage / p.name), metadata={"format": "pt"})
+        os.replace(stage / p.name, p)
     return p
