@@ -604,7 +604,7 @@ def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Arr
     sizes = jnp.bincount(flat_e, length=n_exp)
     xs = x[order // k]  # [T*k, h]
 
-    if impl == "ragged":
+    def ragged(xs, experts, gu_bias, d_bias, sizes, sorted_e, layer):
         def ragged_experts(fast):
             w_gu, stored = _expert_weight(experts, "gate_up_proj", (layer,), dtype, fast)
             w_d, _ = _expert_weight(experts, "down_proj", (layer,), dtype, fast)
@@ -612,17 +612,35 @@ def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Arr
             mid = act(jax.lax.ragged_dot_general(xs, w_gu, sizes, dims) + gu_bias[sorted_e])
             return jax.lax.ragged_dot_general(mid, w_d, sizes, dims) + d_bias[sorted_e]
 
-        ys = _with_decode(experts, (layer,), dtype, ragged_experts)
+        return _with_decode(experts, (layer,), dtype, ragged_experts)
+
+    args = (xs, experts, gu_bias, d_bias, sizes, sorted_e, layer)
+    chunk = chunk or default_chunk(t * k, n_exp)
+    if impl == "ragged":
+        ys = ragged(*args)
     elif impl == "grouped" or (impl == "tiled" and "gate_up_proj_blocks" not in experts):  # float: nothing to tile
-        ys = _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or default_chunk(t * k, n_exp))
+        ys = _with_gradient_of(ragged, lambda xs, experts, gu_bias, d_bias, sizes, sorted_e, layer: _grouped_experts(
+            xs, sizes, experts, layer, gu_bias, d_bias, act, chunk), *args)
     elif impl == "tiled":
-        ys = _tiled_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk or default_chunk(t * k, n_exp))
+        ys = _with_gradient_of(ragged, lambda xs, experts, gu_bias, d_bias, sizes, sorted_e, layer: _tiled_experts(
+            xs, sizes, experts, layer, gu_bias, d_bias, act, chunk), *args)
     else:
         raise ValueError(f"unknown moe_impl {impl!r}; choose one of {MOE_IMPLS}.")
 
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = ys[inverse].reshape(t, k, h).astype(jnp.float32)
     return jnp.einsum("tkh,tk->th", y, router_weights).astype(dtype)
+
+
+def _with_gradient_of(reference, forward, *args):
+    """forward(*args), reverse-differentiated as reference(*args): the same function computed another way.
+
+    The grouped and tiled dispatches loop with trip counts that depend on the routing, which JAX
+    cannot reverse-differentiate; their gradient is the ragged dispatch's (the same sums in another
+    float32 order). Integer arguments (codes, sizes, indices) get zero (float0) cotangents."""
+    f = jax.custom_vjp(forward)
+    f.defvjp(lambda *a: (forward(*a), a), lambda a, g: jax.vjp(reference, *a)[1](g))
+    return f(*args)
 
 
 def _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk: int) -> jax.Array:
