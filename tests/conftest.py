@@ -13,6 +13,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 jax.config.update("jax_default_matmul_precision", "highest")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests do not write the user's ~/.cache/lens-jax/xla (the pipeline's default); the cache tests name
+# their own folders. (With it on, the deviceless TPU compiles also tried to read entries back.)
+os.environ.setdefault("LENS_JAX_COMPILATION_CACHE", "off")
 
 
 def cosine(a, b) -> float:
