@@ -338,25 +338,30 @@ def _joint_qkv(a: Params, x_img: jax.Array, x_txt: jax.Array, rotation: jax.Arra
     """q, k, v [B, N + S, heads, head_dim] of the joint [image; text] sequence, q and k normed and rotated.
 
     Each stream's qkv projection is laid out tokens first ([B, T, 3, heads, head_dim], the GEMM's own
-    output order: no transpose) and the two streams are concatenated *before* the QK RMSNorms (each
-    token takes its stream's norm weight) and RoPE (one joint rotation table), so XLA:GPU writes each
-    of q, k and v in one kernel straight from the GEMM outputs (bias, norm, rotation and concatenation
-    fused). The same operations per element as norming and rotating each stream before concatenating.
+    output order: no transpose); q, k and v are each concatenated over the two streams *before* the
+    bias (each token takes its stream's bias and QK-norm weight) and RoPE (one joint rotation table), so
+    XLA:GPU writes each of q, k and v in one kernel straight from the GEMM outputs (bias, RMSNorm,
+    rotation and concatenation fused; with cuBLAS GEMMs too, which would otherwise take the bias into
+    the GEMM as a materialised broadcast). Per element the same operations as norming and rotating
+    each stream on its own before concatenating.
     """
     n_img = x_img.shape[1]
+    y_img = einsum_kernel("btd,dchk->btchk", x_img, a["img_qkv"])
+    y_txt = einsum_kernel("btd,dchk->btchk", x_txt, a["txt_qkv"])
+    is_img = (jnp.arange(n_img + y_txt.shape[1]) < n_img)[:, None, None]  # [T, 1, 1]
 
-    def project(x, p):
-        return einsum_kernel("btd,dchk->btchk", x, p) + p["bias"].astype(x.dtype)
+    def per_token(img_value, txt_value):
+        return jnp.where(is_img, img_value, txt_value)
 
-    qkv = jnp.concatenate([project(x_img, a["img_qkv"]), project(x_txt, a["txt_qkv"])], axis=1)
-    q, k, v = (constrain(qkv[:, :, i], (BATCH, None, ACT_HEADS, None), sharding) for i in range(3))
-    is_img = (jnp.arange(qkv.shape[1]) < n_img)[:, None, None]  # [T, 1, 1] against the weights' [head_dim]
+    def part(c):  # c: 0 = q, 1 = k, 2 = v
+        joint = jnp.concatenate([y_img[:, :, c], y_txt[:, :, c]], axis=1)
+        joint = joint + per_token(a["img_qkv"]["bias"][c], a["txt_qkv"]["bias"][c]).astype(joint.dtype)
+        return constrain(joint, (BATCH, None, ACT_HEADS, None), sharding)
 
     def norm_rotate(x, img_norm, txt_norm):
-        weight = jnp.where(is_img, a[img_norm]["weight"], a[txt_norm]["weight"])
-        return rotate_pairs(rms_norm(x, weight, BLOCK_EPS), rotation)
+        return rotate_pairs(rms_norm(x, per_token(a[img_norm]["weight"], a[txt_norm]["weight"]), BLOCK_EPS), rotation)
 
-    return norm_rotate(q, "norm_q", "norm_added_q"), norm_rotate(k, "norm_k", "norm_added_k"), v
+    return norm_rotate(part(0), "norm_q", "norm_added_q"), norm_rotate(part(1), "norm_k", "norm_added_k"), part(2)
 
 
 def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implementation: str | None,
