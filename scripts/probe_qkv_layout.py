@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             c = configs["dit"]
             per_head = f",{c.num_attention_heads},{c.attention_head_dim}]"  # q/k/v-shaped results
             paired = f",{c.num_attention_heads},{c.attention_head_dim // 2},2]"  # rotate_pairs' [.., D/2, 2] view
-            qkv = [k for k in ks if k.kind not in ("gemm", "attention", "slice", "weight slice")
+            qkv = [k for k in ks if k.kind not in ("gemm", "attention", "weight slice")
                    and (per_head in k.out_shape or paired in k.out_shape) and not any("attention" in s for s in k.sources)]
             print(f"\n{name}: {len(ks)} kernels per block, roofline {sum(kinds.values()):.2f} ms per step "
                   f"({', '.join(f'{k} {v:.2f}' for k, v in kinds.most_common())}); qkv -> joint q/k/v: {len(qkv)} "
