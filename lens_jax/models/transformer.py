@@ -238,7 +238,8 @@ def _centred(n: int) -> np.ndarray:
 
 
 def rope_tables(config: TransformerConfig, height: int, width: int, text_len: int) -> dict[str, np.ndarray]:
-    """RoPE (cos, sin) tables [tokens, head_dim/2] for the image grid and the text, in float32.
+    """RoPE (cos, sin) tables [tokens, head_dim/2] for the image grid and the text, in float32, and
+    `rotation`: the joint [image; text] table [N + S, head_dim/2, 2, 2] the block's `rotate_pairs` reads.
 
     Three axes (frame, h, w); image positions are centred (scale_rope); text token j sits at
     max(h//2, w//2) + j on every axis. Built once on the host per (height, width, text_len).
