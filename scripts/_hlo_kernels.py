@@ -186,23 +186,50 @@ def _dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
     return 2.0 * n * k
 
 
+def _read_fractions(body: list[Instr]) -> dict[str, float]:
+    """Per instruction of a fused computation, the fraction of its result the kernel reads.
+
+    The root is read whole; a value used through a `slice` / `dynamic-slice` is read in the slices'
+    share (summed over slices, at most 1); through any other op (elementwise, bitcast, concatenate,
+    broadcast, reduce, ...) in the share its user reads (the largest over such users). So a GEMM
+    output reached through `bitcast -> add bias -> concatenate -> slice(q)` counts as its q third:
+    XLA's fused kernels index only the elements they use."""
+    shapes = {i.name: i.shape for i in body}
+    users: dict[str, list[Instr]] = collections.defaultdict(list)
+    for i in body:
+        for o in i.operands:
+            users[o].append(i)
+    frac: dict[str, float] = {}
+    for i in reversed(body):  # users come after their operands in a computation's text
+        if i is body[-1] or i.name not in users:
+            frac[i.name] = 1.0
+            continue
+        sliced, other = 0.0, 0.0
+        for u in users[i.name]:
+            through = frac.get(u.name, 1.0)
+            size = shape_bytes(shapes.get(i.name, ""))
+            if u.op in ("slice", "dynamic-slice") and u.operands and u.operands[0] == i.name and size:
+                sliced += through * shape_bytes(u.shape) / size
+            else:
+                other = max(other, through)
+        frac[i.name] = min(1.0, sliced + other)
+    return frac
+
+
 def _operand_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> float:
-    """Bytes a kernel reads: each operand's size, or, for a fused parameter read only through slices (the
-    scan's per-layer dynamic-slice of a stacked weight), the slices' sizes."""
+    """Bytes a kernel reads: each operand's size times the share of it the fused computation reads
+    (`_read_fractions`: the scan's per-layer dynamic-slice of a stacked weight, a q/k/v slice of a
+    fused qkv GEMM output, ...)."""
     params = {}
     for i in body:
         if i.op == "parameter":
             m = re.match(r"\s*(\d+)\)", i.rest)
             if m:
                 params[int(m.group(1))] = i.name
+    frac = _read_fractions(body) if body else {}
     total = 0.0
     for idx, operand in enumerate(ins.operands):
-        full = shape_bytes(shapes.get(operand, ""))
-        name = params.get(idx)
-        users = [i for i in body if name and name in i.operands] if name else []
-        if users and all(u.op in ("dynamic-slice", "slice") for u in users):
-            full = min(full, sum(shape_bytes(u.shape) for u in users))
-        total += full
+        total += shape_bytes(shapes.get(operand, "")) * frac.get(params.get(idx, ""), 1.0)
     return total
 
 

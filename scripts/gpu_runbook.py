@@ -19,7 +19,9 @@ During the lease, one `run` tool call per group, most important first (each call
 Groups (`--list` prints every step with its command, time cap and the issue row it fills):
   1. issue 11, the headline rows: DiT step MFU at 1024² / 1440² (bf16), Lens / Turbo 1024² end to end
      (text encoding + sampling + decode), text encoder one prompt / CFG pair, the DiT step with cuBLAS
-     instead of Triton GEMMs, a profiler breakdown of the DiT step per kernel.
+     instead of Triton GEMMs and Lens 1024² with the sampler's XLA defaults (Triton GEMMs; the sampler
+     compiles with cuBLAS GEMMs on GPU, lens_jax.sampling.compiler_options), a profiler breakdown of
+     the DiT step per kernel.
   2. issue 11, quantised and side by side: FP8 and int8 DiT end to end with the cosine of the final
      latents vs bf16, the MXFP4 decode fusion check (optimised HLO), the MoE dispatch per token count,
      lens-jax vs PyTorch on the same GPU (upstream DiT from .gpu_ref/, transformers GPT-OSS, diffusers VAE).
@@ -135,6 +137,12 @@ STEPS: tuple[Step, ...] = (
          120, "issue 11: text encoder, CFG pair (2 x 192 tokens)"),
     _dit("dit_step_1024_cublas", 1024, 120, "issue 11 item 3: DiT step with cuBLAS GEMMs (Triton GEMM off)",
          env=TRITON_OFF.items(), check=False),
+    Step("e2e_lens_1024_xla_defaults", 1, "benchmark_end_to_end.py",
+         ("--size", "1024x1024", "--variants", "lens", "--quantize", "none", "--runs", "3"),
+         ("--config", "tiny", "--size", "64x64", "--variants", "lens", "--runs", "1"),
+         180, "issue 11 item 3: the sampler without its GPU compiler options (Triton GEMMs; e2e_bf16_1024 has "
+         "cuBLAS): keep lens_jax.sampling.compiler_options' GPU row only if e2e_bf16_1024 is faster",
+         env=(("LENS_JAX_XLA_OPTIONS", "off"),), writes_json=True),
     Step("dit_profile_1024", 1, "profile_dit_step.py",
          ("--config", "full", "--height", "1024", "--width", "1024", "--runs", "3"),
          ("--config", "tiny", "--dtype", "f32", "--height", "64", "--width", "64", "--runs", "1"),

@@ -36,6 +36,8 @@ __all__ = [
     "init_params",
     "apply",
     "rope_tables",
+    "rotation_table",
+    "rotate_pairs",
     "timestep_embedding",
     "embed_text",
     "block",
@@ -236,7 +238,8 @@ def _centred(n: int) -> np.ndarray:
 
 
 def rope_tables(config: TransformerConfig, height: int, width: int, text_len: int) -> dict[str, np.ndarray]:
-    """RoPE (cos, sin) tables [tokens, head_dim/2] for the image grid and the text, in float32.
+    """RoPE (cos, sin) tables [tokens, head_dim/2] for the image grid and the text, in float32, and
+    `rotation`: the joint [image; text] table [N + S, head_dim/2, 2, 2] the block's `rotate_pairs` reads.
 
     Three axes (frame, h, w); image positions are centred (scale_rope); text token j sits at
     max(h//2, w//2) + j on every axis. Built once on the host per (height, width, text_len).
@@ -252,15 +255,38 @@ def rope_tables(config: TransformerConfig, height: int, width: int, text_len: in
     return {
         "img_cos": np.cos(img), "img_sin": np.sin(img),
         "txt_cos": np.cos(txt), "txt_sin": np.sin(txt),
+        "rotation": rotation_table(np.cos(np.concatenate([img, txt])), np.sin(np.concatenate([img, txt]))),
     }
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by angles with cos/sin [T, D/2]."""
-    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    re, im = x32[..., 0], x32[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = jnp.stack([re * c - im * s, re * s + im * c], axis=-1)
+def rotation_table(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """[T, D/2, 2, 2] rotation matrices [[c, -s], [s, c]] from cos/sin [T, D/2] (`rotate_pairs`' table)."""
+    return np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2).astype(np.float32)
+
+
+# How `rotate_pairs` forms a pair's two products and sum, per backend (jax.default_backend() while
+# tracing; the same arithmetic either way). "sum": a product summed over the pair axis, which XLA:GPU
+# fuses with the QK RMSNorm before it into one kernel per q / k (with "slices" it writes the normed q
+# and reads it back). "slices" (every other backend): the pair's halves sliced apart, which XLA:CPU
+# vectorises (its reduction over a 2-wide axis is ~10x slower).
+ROTATE_PAIRS_FORM = {"gpu": "sum"}
+
+
+def rotate_pairs(x: jax.Array, rotation: jax.Array, form: str | None = None) -> jax.Array:
+    """RoPE: rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by `rotation` [T, D/2, 2, 2].
+
+    out[2i] = x[2i] c - x[2i+1] s, out[2i+1] = x[2i] s + x[2i+1] c, in float32. `form`: "sum" or
+    "slices" (`ROTATE_PAIRS_FORM`; None: the current backend's entry, else "slices").
+    """
+    form = form or ROTATE_PAIRS_FORM.get(jax.default_backend(), "slices")
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 1, 2)
+    r = rotation[None, :, None]
+    if form == "sum":
+        out = jnp.sum(x32 * r, axis=-1)
+    elif form == "slices":
+        out = x32[..., 0] * r[..., 0] + x32[..., 1] * r[..., 1]
+    else:
+        raise ValueError(f"rotate_pairs form {form!r}: choose 'sum' or 'slices'.")
     return out.reshape(x.shape).astype(x.dtype)
 
 
@@ -309,14 +335,34 @@ def _gate_mlp(p: Params, x: jax.Array, sharding=None) -> jax.Array:
     return dense(hidden, p["w2"])
 
 
-def _qkv(x: jax.Array, p: Params, q_norm: jax.Array, k_norm: jax.Array, heads: int, cos, sin, sharding):
-    b, t, _ = x.shape
-    head_dim = q_norm.shape[-1]
-    qkv = einsum_kernel("btd,dchk->cbthk", x, p) + p["bias"].astype(x.dtype)[:, None, None]
-    q, k, v = (constrain(y, (BATCH, None, ACT_HEADS, None), sharding) for y in qkv)
-    q = apply_rope(rms_norm(q, q_norm, BLOCK_EPS), cos, sin)
-    k = apply_rope(rms_norm(k, k_norm, BLOCK_EPS), cos, sin)
-    return q, k, v
+def _joint_qkv(a: Params, x_img: jax.Array, x_txt: jax.Array, rotation: jax.Array, sharding: Constrain | None):
+    """q, k, v [B, N + S, heads, head_dim] of the joint [image; text] sequence, q and k normed and rotated.
+
+    Each stream's qkv projection is laid out tokens first ([B, T, 3, heads, head_dim], the GEMM's own
+    output order: no transpose); q, k and v are each concatenated over the two streams *before* the
+    bias (each token takes its stream's bias and QK-norm weight) and RoPE (one joint rotation table), so
+    XLA:GPU writes each of q, k and v in one kernel straight from the GEMM outputs (bias, RMSNorm,
+    rotation and concatenation fused; with cuBLAS GEMMs too, which would otherwise take the bias into
+    the GEMM as a materialised broadcast). Per element the same operations as norming and rotating
+    each stream on its own before concatenating.
+    """
+    n_img = x_img.shape[1]
+    y_img = einsum_kernel("btd,dchk->btchk", x_img, a["img_qkv"])
+    y_txt = einsum_kernel("btd,dchk->btchk", x_txt, a["txt_qkv"])
+    is_img = (jnp.arange(n_img + y_txt.shape[1]) < n_img)[:, None, None]  # [T, 1, 1]
+
+    def per_token(img_value, txt_value):
+        return jnp.where(is_img, img_value, txt_value)
+
+    def part(c):  # c: 0 = q, 1 = k, 2 = v
+        joint = jnp.concatenate([y_img[:, :, c], y_txt[:, :, c]], axis=1)
+        joint = joint + per_token(a["img_qkv"]["bias"][c], a["txt_qkv"]["bias"][c]).astype(joint.dtype)
+        return constrain(joint, (BATCH, None, ACT_HEADS, None), sharding)
+
+    def norm_rotate(x, img_norm, txt_norm):
+        return rotate_pairs(rms_norm(x, per_token(a[img_norm]["weight"], a[txt_norm]["weight"]), BLOCK_EPS), rotation)
+
+    return norm_rotate(part(0), "norm_q", "norm_added_q"), norm_rotate(part(1), "norm_k", "norm_added_k"), part(2)
 
 
 def joint_attention(q, k, v, key_mask: jax.Array, key_lengths: jax.Array, implementation: str | None,
@@ -338,23 +384,16 @@ def block(p: Params, config: TransformerConfig, img: jax.Array, txt: jax.Array, 
     """One dual-stream MMDiT block; returns the updated (img, txt) streams.
 
     `p`: one layer of `params["transformer_blocks"]`; img [B, N, d], txt [B, S, d]; temb_act the SiLU of
-    the timestep embedding [B, d]; rope: `rope_tables(...)` (img_cos/img_sin/txt_cos/txt_sin);
+    the timestep embedding [B, d]; rope: `rope_tables(...)` (the block reads its joint `rotation`);
     key_mask / key_lengths: which joint keys are visible (see `apply`).
     """
-    heads = config.num_attention_heads
     i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _modulation(p["img_mod"], temb_act)
     t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _modulation(p["txt_mod"], temb_act)
     a = p["attn"]
-    qi, ki, vi = _qkv(_modulate(img, p["img_norm1"]["weight"], i_shift1, i_scale1), a["img_qkv"],
-                      a["norm_q"]["weight"], a["norm_k"]["weight"], heads, rope["img_cos"], rope["img_sin"], sharding)
-    qt, kt, vt = _qkv(_modulate(txt, p["txt_norm1"]["weight"], t_shift1, t_scale1), a["txt_qkv"],
-                      a["norm_added_q"]["weight"], a["norm_added_k"]["weight"], heads, rope["txt_cos"], rope["txt_sin"],
-                      sharding)
+    q, k, v = _joint_qkv(a, _modulate(img, p["img_norm1"]["weight"], i_shift1, i_scale1),
+                         _modulate(txt, p["txt_norm1"]["weight"], t_shift1, t_scale1), rope["rotation"], sharding)
     n_img = img.shape[1]
-    out = joint_attention(
-        jnp.concatenate([qi, qt], 1), jnp.concatenate([ki, kt], 1), jnp.concatenate([vi, vt], 1),
-        key_mask, key_lengths, attention_impl, sharding,
-    )
+    out = joint_attention(q, k, v, key_mask, key_lengths, attention_impl, sharding)
     img = img + i_gate1 * _attn_out(out[:, :n_img], a["to_out"])
     txt = txt + t_gate1 * _attn_out(out[:, n_img:], a["to_add_out"])
     img = img + i_gate2 * _gate_mlp(p["img_mlp"], _modulate(img, p["img_norm2"]["weight"], i_shift2, i_scale2), sharding)

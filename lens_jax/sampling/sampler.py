@@ -23,6 +23,7 @@ step the kept region is reset to x0 noised to that step's sigma, (1 - s) x0 + s 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ from .. import parallel
 from ..models import transformer as dit
 from ..models import vae as vae_lib
 from . import modulation as modulation_lib
+from .compiler_options import compiler_options
 from .guidance import guided_velocity
 from .scheduler import euler_step
 
@@ -156,7 +158,9 @@ def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, 
     """jit the sampler for one spec with declared in/out shardings on `mesh`.
 
     `dit_shardings`/`vae_shardings` are `ShardingTree`s (pytrees of `NamedSharding`); the latents
-    are donated on accelerators. The caller keeps the result (a pipeline caches its own programs).
+    are donated on accelerators. The programs compile with the mesh's platform's XLA options
+    (`lens_jax.sampling.compiler_options`: cuBLAS GEMMs on GPU; `LENS_JAX_XLA_OPTIONS=off` opts out).
+    The caller keeps the result (a pipeline caches its own programs).
     """
     lat = parallel.batch_sharding(mesh, batch, 3)
     txt = parallel.batch_sharding(mesh, text_rows, 3)
@@ -166,9 +170,10 @@ def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, 
     traj = rep if spec.keep_trajectory else None
     feats = [txt] * spec.dit_config.num_text_layers
     donate = (2,) if jax.default_backend() != "cpu" else ()
+    jit = functools.partial(jax.jit, compiler_options=compiler_options(mesh.devices.flat[0].platform))
     known = ((lat, lat, lat),) if spec.inpaint else ()
     loop_spec = dataclasses.replace(spec, decode=False) if spec.decode_apart else spec
-    whole = jax.jit(
+    whole = jit(
         lambda *args: sample(loop_spec, *args),
         in_shardings=(dit_shardings.tree, vae_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep) + known,
         out_shardings=(lat, None if spec.decode_apart else image, traj),
@@ -180,7 +185,7 @@ def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, 
         table, k = (rest[0], rest[1:]) if mod else (None, rest)
         return _step(spec, p, x, f, m, s, t, g, i, k[0] if k else None, table)
 
-    step = jax.jit(
+    step = jit(
         one_step,
         in_shardings=(dit_shardings.tree, lat, feats, txt_mask, rep, rep, rep, rep) + mod + known,
         out_shardings=lat,
@@ -188,10 +193,10 @@ def build_programs(spec: SamplerSpec, mesh: Mesh, dit_shardings, vae_shardings, 
     )
     dec = None
     if spec.decode:
-        dec = jax.jit(lambda p, x: decode(spec, p, x), in_shardings=(vae_shardings.tree, lat), out_shardings=image)
+        dec = jit(lambda p, x: decode(spec, p, x), in_shardings=(vae_shardings.tree, lat), out_shardings=image)
     table = None
     if spec.modulation_table:
-        table = jax.jit(lambda p, t: modulation_table(spec, p, t), in_shardings=(dit_shardings.tree, rep),
+        table = jit(lambda p, t: modulation_table(spec, p, t), in_shardings=(dit_shardings.tree, rep),
                         out_shardings=rep)
     return Programs(whole, step, dec, table)
 
