@@ -67,9 +67,15 @@ def test_quickstart_notebook_runs():
 def test_gpu_xla_flag_default_respects_the_user(monkeypatch):
     from lens_jax.tools import runtime as cli
 
+    monkeypatch.delenv("LENS_JAX_XLA_OPTIONS", raising=False)
+    assert cli.gpu_xla_flags() == ["--xla_gpu_enable_triton_gemm=false"]  # the sampler's table, as flags
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     cli.default_xla_flags()
-    assert cli.GPU_XLA_FLAG in os.environ["XLA_FLAGS"] and "--xla_dump_to=/tmp/x" in os.environ["XLA_FLAGS"]
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false"
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
     cli.default_xla_flags()
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("LENS_JAX_XLA_OPTIONS", "off")  # the table's opt-out covers the CLI's flags too
+    cli.default_xla_flags()
+    assert os.environ["XLA_FLAGS"] == ""

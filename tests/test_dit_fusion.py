@@ -89,7 +89,7 @@ def test_rotate_pairs_equals_sliced_rope(inputs, form, dtype):
 @pytest.mark.parametrize("form", ["slices", "sum"])
 def test_joint_qkv_equals_per_stream_qkv(inputs, form, monkeypatch):
     a, x_img, x_txt, rope = inputs
-    monkeypatch.setitem(T.ROTATE_PAIRS_FORM, jax.default_backend(), form)
+    monkeypatch.setattr(T, "ROTATE_PAIRS_FORM", {"cpu": form})
     got = jax.jit(T._joint_qkv, static_argnums=4)(a, x_img, x_txt, rope["rotation"], None)
     want = jax.jit(reference_qkv)(a, x_img, x_txt, rope)
     for g, w, name in zip(got, want, "qkv"):
@@ -98,16 +98,15 @@ def test_joint_qkv_equals_per_stream_qkv(inputs, form, monkeypatch):
                                    err_msg=f"{name} ({form})")
 
 
-def test_rotate_pairs_form_follows_the_backend(inputs, monkeypatch):
-    """GPU traces the pair-axis reduction (fused with the norm by XLA:GPU); CPU and TPU the slices."""
+def test_rotate_pairs_form_follows_the_lowering_platform(inputs):
+    """A program lowered for a GPU holds the pair-axis reduction (fused with the norm by XLA:GPU), for CPU
+    and TPU the slices, whatever host lowers it (here a CPU host lowers for all three)."""
     _, _, _, rope = inputs
-    x = jnp.zeros((1, rope["rotation"].shape[0], 1, CONFIG.attention_head_dim))
-    forms = {}
-    for backend in ("gpu", "cpu", "tpu"):
-        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-        traced = jax.make_jaxpr(lambda x, r: T.rotate_pairs(x, r))(x, rope["rotation"])  # a fresh trace each time
-        forms[backend] = "reduce_sum" in str(traced)
-    assert forms == {"gpu": True, "cpu": False, "tpu": False}
+    x = jax.ShapeDtypeStruct((1, rope["rotation"].shape[0], 1, CONFIG.attention_head_dim), jnp.float32)
+    r = jax.ShapeDtypeStruct(rope["rotation"].shape, jnp.float32)
+    forms = {p: "stablehlo.reduce" in jax.export.export(jax.jit(T.rotate_pairs), platforms=[p])(x, r).mlir_module()
+             for p in ("cuda", "rocm", "cpu", "tpu")}
+    assert forms == {"cuda": True, "rocm": True, "cpu": False, "tpu": False}
 
 
 SLICED_READ = """HloModule m, is_scheduled=true

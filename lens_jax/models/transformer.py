@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass, fields, replace
 from functools import partial
+from types import MappingProxyType
 from typing import Any, Sequence
 
 import jax
@@ -264,29 +265,37 @@ def rotation_table(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2).astype(np.float32)
 
 
-# How `rotate_pairs` forms a pair's two products and sum, per backend (jax.default_backend() while
-# tracing; the same arithmetic either way). "sum": a product summed over the pair axis, which XLA:GPU
+# How `rotate_pairs` forms a pair's two products and sum, per platform the program is lowered for
+# (`lax.platform_dependent`, so a program compiled ahead of time for a GPU on a CPU host gets the GPU
+# form; the same arithmetic either way). "sum": a product summed over the pair axis, which XLA:GPU
 # fuses with the QK RMSNorm before it into one kernel per q / k (with "slices" it writes the normed q
-# and reads it back). "slices" (every other backend): the pair's halves sliced apart, which XLA:CPU
+# and reads it back). "slices" (every other platform): the pair's halves sliced apart, which XLA:CPU
 # vectorises (its reduction over a 2-wide axis is ~10x slower).
-ROTATE_PAIRS_FORM = {"gpu": "sum"}
+ROTATE_PAIRS_FORM = MappingProxyType({"cuda": "sum", "rocm": "sum"})
+ROTATE_PAIRS_FORMS = ("sum", "slices")
 
 
 def rotate_pairs(x: jax.Array, rotation: jax.Array, form: str | None = None) -> jax.Array:
     """RoPE: rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by `rotation` [T, D/2, 2, 2].
 
     out[2i] = x[2i] c - x[2i+1] s, out[2i+1] = x[2i] s + x[2i+1] c, in float32. `form`: "sum" or
-    "slices" (`ROTATE_PAIRS_FORM`; None: the current backend's entry, else "slices").
+    "slices"; None: `ROTATE_PAIRS_FORM`'s entry for the platform the program is lowered for, else "slices".
     """
-    form = form or ROTATE_PAIRS_FORM.get(jax.default_backend(), "slices")
+    if form is not None and form not in ROTATE_PAIRS_FORMS:
+        raise ValueError(f"rotate_pairs form {form!r}: choose 'sum' or 'slices'.")
     x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 1, 2)
     r = rotation[None, :, None]
-    if form == "sum":
-        out = jnp.sum(x32 * r, axis=-1)
-    elif form == "slices":
-        out = x32[..., 0] * r[..., 0] + x32[..., 1] * r[..., 1]
+
+    def rotate(form):
+        if form == "sum":
+            return lambda x32, r: jnp.sum(x32 * r, axis=-1)
+        return lambda x32, r: x32[..., 0] * r[..., 0] + x32[..., 1] * r[..., 1]
+
+    if form is None:
+        out = jax.lax.platform_dependent(x32, r, **{p: rotate(f) for p, f in ROTATE_PAIRS_FORM.items()},
+                                         default=rotate("slices"))
     else:
-        raise ValueError(f"rotate_pairs form {form!r}: choose 'sum' or 'slices'.")
+        out = rotate(form)(x32, r)
     return out.reshape(x.shape).astype(x.dtype)
 
 

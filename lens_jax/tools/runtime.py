@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import os
 
-# cuBLAS beats XLA's Triton GEMM fusions on the DiT (H100: 89.5 vs 94.5 ms per CFG step at
-# 1024^2, compile 2.9 vs 8.2 s; docs/benchmarks.md). Must be set before jax is imported.
-GPU_XLA_FLAG = "--xla_gpu_enable_triton_gemm=false"
+def gpu_xla_flags() -> list[str]:
+    """The sampler's GPU compiler options (`lens_jax.sampling.compiler_options`, the one table) as XLA flags;
+    none when `LENS_JAX_XLA_OPTIONS=off`."""
+    from ..sampling.compiler_options import compiler_options
+
+    options = compiler_options("gpu") or {}
+    return [f"--{name}={str(value).lower() if isinstance(value, bool) else value}" for name, value in options.items()]
 
 
 def default_xla_flags() -> None:
+    """Add `gpu_xla_flags()` to XLA_FLAGS, so every program of a command (the text encoder too, not only
+    the sampler's) compiles with them; a flag the user already set wins. Call before JAX starts a backend."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_enable_triton_gemm" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {GPU_XLA_FLAG}".strip()
+    extra = [f for f in gpu_xla_flags() if f.split("=")[0] not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
 
 def enable_compilation_cache(setting=None) -> str | None:
