@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...errors import LensError
 from ...models import text_encoder as te_model
 from ...models import transformer as dit
 from ...models.nn import dense
@@ -77,6 +78,11 @@ def locate_jump(layer_records: list[list[dict]], names: list[str], tol: metrics.
     if index is None:
         return None
     return {"index": index, "layer": names[index], "error_over_bound": float(ratios[index])}
+
+
+def _after(jump: dict | None, index: int) -> dict | None:
+    """A jump found in what follows the layers (the output head, the decode), placed after them."""
+    return None if jump is None else {**jump, "index": index}
 
 
 def largest_growth(layer_records: list[list[dict]], names: list[str]) -> dict | None:
@@ -229,9 +235,11 @@ def run_transformer(opts: Options) -> dict:
         outputs.append(rec)
     headline = max(outputs, key=lambda r: r["max_abs"])
     names = [f"block {i}" for i in range(n_layers)]
+    # every block within bound but the output not: the difference enters after the last block
+    jump = locate_jump(per_layer, names, tol_block) or _after(
+        locate_jump([outputs], ["output head (norm_out, proj_out)"], tol_out), n_layers)
     section = _section(records + outputs, headline, tol_out, layers=n_layers, sigmas=[float(s) for s in sigma],
-                       first_jump=locate_jump(per_layer, names, tol_block),
-                       largest_growth=largest_growth(per_layer, names))
+                       first_jump=jump, largest_growth=largest_growth(per_layer, names))
     section["tolerance_text"] = f"blocks {tol_block.describe()}; output {tol_out.describe()}"
     return section
 
@@ -335,8 +343,10 @@ def run_pipeline(opts: Options) -> dict:
              for i, (o, r) in enumerate(zip(ours_traj, their_traj))]
     image = metrics.compare(ours_img, their_img, "image", data_range=1.0, tolerance=tol_img)
     opts.images["pipeline"] = (ours_img[0], their_img[0])
-    section = _section(steps + [image], image, tol_img, layers=len(steps),
-                       first_jump=locate_jump([[r] for r in steps], [r["name"] for r in steps], tol_lat))
+    # every step's latents within bound but the image not: the difference enters in the decode
+    jump = (locate_jump([[r] for r in steps], [r["name"] for r in steps], tol_lat)
+            or _after(locate_jump([[image]], ["image (latent unpacking, VAE decode)"], tol_img), len(steps)))
+    section = _section(steps + [image], image, tol_img, layers=len(steps), first_jump=jump)
     section["tolerance_text"] = f"latents {tol_lat.describe()}; image {tol_img.describe()}"
     return section
 
@@ -357,6 +367,8 @@ def run_component(name: str, opts: Options) -> dict[str, Any]:
         return {"status": "skipped", "message": str(e)}
     except (MemoryError, KeyboardInterrupt):
         raise
+    except LensError as e:  # e.g. a truncated safetensors file: its message is the one line to show
+        return {"status": "failed", "message": f"{type(e).__name__}: {' '.join(str(e).split())}"}
     except Exception as e:  # one component's crash (e.g. out of memory on the device) must not lose the others
         traceback.print_exc()
         return {"status": "failed", "message": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
