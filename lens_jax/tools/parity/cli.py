@@ -115,6 +115,8 @@ def parity(opts, components: tuple[str, ...], report_dir: Path | None, echo=prin
             check_interrupt()
             if section["status"] != "ok":
                 echo(f"[parity] {name}: {section['status']}: {section['message']}", file=sys.stderr)
+            elif section.get("note"):
+                echo(f"[parity] {name}: note: {section['note']}", file=sys.stderr)
             report["components"][name] = section
         report["verdict"] = rep.verdict(report)
         if report_dir is not None:

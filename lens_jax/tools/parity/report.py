@@ -147,12 +147,13 @@ def markdown(report: dict) -> str:
         out.append(f"Tolerance: {sec['tolerance_text']}. First layer where the error jumps: "
                    f"{jump['layer'] + ' (' + format(jump['error_over_bound'], '.3g') + 'x its bound)' if jump else 'none'}."
                    + (f" Largest growth from one layer to the next: {grow['layer']} (x{grow['growth']:.3g})."
-                      if (grow := sec.get("largest_growth")) else ""))
+                      if (grow := sec.get("largest_growth")) else "")
+                   + (f" Note: {sec['note']}" if sec.get("note") else ""))
         out += ["", "| check | max abs | rel | cosine | PSNR dB | pass |", "|---|---|---|---|---|---|"]
         for r in sec["records"]:
             out.append(f"| {r['name']} | {_num(r['max_abs'], 'abs')} | {_num(r['max_rel'], 'rel')} | "
                        f"{_num(r['cosine'], 'cosine')} | {_num(r['psnr'], 'psnr')} | "
-                       f"{'yes' if r.get('passed', True) else 'NO'} |")
+                       f"{'info' if r.get('info') else 'yes' if r.get('passed', True) else 'NO'} |")
         for png in sec.get("plots", []):
             out += ["", f"![{name}]({png})"]
     return "\n".join(out) + "\n"
