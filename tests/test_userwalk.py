@@ -70,6 +70,13 @@ def test_missing_component_folder_is_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "rep").exists()
 
 
+def test_negative_seed_is_one_line_exit_2(tmp_path, capsys):
+    """Used to crash the DiT and end-to-end components with a numpy traceback after the text encoder ran."""
+    assert _parity(tmp_path, "--seed", "-1", "--reference-dit", str(STAND_IN)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lens-jax: error: --seed must be an integer in [0, 2**64 - 1]") and "[parity]" not in err
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
 def test_unwritable_report_folder_is_refused_before_any_work(capsys):
     """os.access says yes to root everywhere: the report used to fail only after every comparison."""

@@ -175,6 +175,7 @@ def run(args) -> int:
     # checked before any component runs: a bad --report used to fail only after the comparisons
     validation.check_steps(args.steps, "--steps")
     validation.check_guidance(args.guidance, "--guidance")
+    validation.check_seed(args.seed, 3, "--seed")  # seed, seed + 1, seed + 2 draw the inputs (numpy: >= 0)
     validation.check_output_dir(args.report, name="--report")
     opts = comp.Options(model=model, dtype=args.dtype, size=parse_size(args.size), prompt=args.prompt,
                         seed=args.seed, reference_dit=args.reference_dit, steps=args.steps, guidance=args.guidance)
