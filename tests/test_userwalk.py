@@ -93,6 +93,15 @@ def test_truncated_checkpoint_is_one_line_without_traceback(tmp_path, capsys):
     sec = comp.run_component("transformer", _opts(model=model))
     assert sec["status"] == "failed" and "truncated" in sec["message"] and "Re-download" in sec["message"]
     assert "Traceback" not in capsys.readouterr().err
+    # a DiT variant lens-jax does not implement: the refusal, one line
+    shutil.copytree(TINY / "transformer", model / "variant")
+    cfg = json.loads((model / "variant" / "config.json").read_text())
+    (model / "variant" / "config.json").write_text(json.dumps({**cfg, "rms_norm": False}))
+    shutil.rmtree(model / "transformer")
+    (model / "variant").rename(model / "transformer")
+    sec = comp.run_component("transformer", _opts(model=model))
+    assert sec["status"] == "failed" and "lens-jax implements the published Lens DiT" in sec["message"]
+    assert "Traceback" not in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- parity: Ctrl-C, partial reports

@@ -386,7 +386,7 @@ def run_component(name: str, opts: Options) -> dict[str, Any]:
         return {"status": "skipped", "message": str(e)}
     except (MemoryError, KeyboardInterrupt):
         raise
-    except LensError as e:  # e.g. a truncated safetensors file: its message is the one line to show
+    except (LensError, NotImplementedError) as e:  # a truncated file, a config variant lens-jax refuses: one line
         return {"status": "failed", "message": f"{type(e).__name__}: {' '.join(str(e).split())}"}
     except Exception as e:  # one component's crash (e.g. out of memory on the device) must not lose the others
         traceback.print_exc()
