@@ -24,6 +24,7 @@ import math
 import numbers
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -151,12 +152,32 @@ def check_output_dir(path: str | os.PathLike, need_bytes: int = 0, name: str = "
     if not os.access(base, os.W_OK | os.X_OK):
         raise InputError(f"{name} {out} is not writable ({base} is read-only for this user); "
                          "pass a folder you can write.")
+    _probe_writable(out, name)
     if need_bytes:
         free = shutil.disk_usage(base).free
         if free < need_bytes:
             raise InputError(f"{name} {out}: {free / 2**20:.1f} MiB free, the images need about "
                              f"{need_bytes / 2**20:.1f} MiB; free some space or choose another folder.")
     return out
+
+
+def _probe_writable(out: Path, name: str) -> None:
+    """Create `out` and a file in it, then remove what was made. `os.access` answers yes to root even
+    on a read-only mount or /sys, where the tool would otherwise fail only after all its work."""
+    absolute = out.absolute()
+    made = [p for p in (absolute, *absolute.parents) if not p.exists()]  # deepest first
+    try:
+        absolute.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=absolute):
+            pass
+    except OSError as e:
+        raise InputError(f"{name} {out} is not writable ({e.strerror or e}); pass a folder you can write.") from None
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def png_bytes_bound(height: int, width: int, count: int) -> int:

@@ -24,7 +24,8 @@ from ..errors import InputError
 from ..pipelines import validation
 from ..sampling.resolution import PIXELS_PER_TOKEN, resolve_size
 
-MAX_SEED = 2**31 - 1
+MAX_SEED = validation.SEED_MAX  # 2**64 - 1, as `lens-jax generate --seed` and the pipeline take
+RANDOM_SEED_MAX = 2**31 - 1  # drawn seeds stay small (exact in JavaScript, short in file names)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def make_job(pipe_defaults: dict, prompt: str, *, seed: int | None = None, negat
     guidance = float(pipe_defaults["guidance_scale"] if guidance is None else guidance)
     if seed is not None and not validation.is_integer(seed):
         raise InputError(f"seed must be an integer in [0, {MAX_SEED}]; got {seed!r} ({type(seed).__name__}).")
-    seed = random.randrange(MAX_SEED) if seed is None else int(seed)
+    seed = random.randrange(RANDOM_SEED_MAX) if seed is None else int(seed)
     if not 0 <= seed <= MAX_SEED:
         raise InputError(f"seed={seed} must be in [0, {MAX_SEED}].")
     return Job(prompt, seed, H, W, steps, guidance, negative_prompt or "", dict(extra))
@@ -101,8 +102,10 @@ def job_noise(seed: int, height: int, width: int, channels: int) -> np.ndarray:
     import jax
     import jax.numpy as jnp
 
+    from ..pipelines.text_to_image import seed_key  # all 64 bits; jax.random.key(seed) below 2**32
+
     tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
-    return np.asarray(jax.random.normal(jax.random.key(int(seed)), (1, tokens, channels), jnp.float32))
+    return np.asarray(jax.random.normal(seed_key(int(seed)), (1, tokens, channels), jnp.float32))
 
 
 def group_by_bucket(jobs: Sequence[Job]) -> dict[Bucket, list[int]]:

@@ -4,15 +4,21 @@
 
 Runs each component (text encoder, DiT, VAE, end to end) through lens-jax and the PyTorch
 reference, one at a time, and writes report.json, summary.md and PNG plots to --report. Exit
-status: 0 when every component that ran is within its tolerance, 1 when one is not (or crashed),
-2 on bad input. A component whose library or reference is missing is skipped with one line.
+status: 0 when every component that ran is within its tolerance, 1 when one is not (or crashed,
+or none could run), 2 on bad input (checked before any work: checkpoint folders, torch, the
+--reference-dit file, the --report folder). A component whose library or reference is missing is
+skipped with one line; the last line is the verdict and names the first stage that differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Callable, Iterator
 
 from ...errors import InputError
 
@@ -68,25 +74,86 @@ def _devices() -> dict[str, str]:
     return {"jax": f"{jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})", "torch": torch_dev}
 
 
+@contextlib.contextmanager
+def remembered_interrupt() -> Iterator[Callable[[], None]]:
+    """Ctrl-C raises KeyboardInterrupt at once *and* is remembered; the yielded `check()` raises it
+    again. A KeyboardInterrupt that lands in JAX's garbage-collection callback is swallowed by
+    Python ("Exception ignored in _xla_gc_callback") and the run used to go on to write its report."""
+    hit = []
+
+    def handler(signum, frame):
+        hit.append(signum)
+        raise KeyboardInterrupt
+
+    def check() -> None:
+        if hit:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # handlers are main-thread only
+        yield check
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def parity(opts, components: tuple[str, ...], report_dir: Path | None, echo=print) -> dict:
-    """Run the components one at a time and write the report; returns the report dict."""
+    """Run the components one at a time and write the report; returns the report dict.
+
+    The report is written only once every component has run (a Ctrl-C before leaves none)."""
     from . import components as comp
     from . import report as rep
 
     report = {"model": str(opts.model), "dtype": opts.dtype, "size": list(opts.size), "seed": opts.seed,
               "prompt": opts.prompt, "devices": _devices(), "components": {}}
-    for name in components:
-        echo(f"[parity] {name} ...", file=sys.stderr)
-        section = comp.run_component(name, opts)
-        if section["status"] != "ok":
-            echo(f"[parity] {name}: {section['status']}: {section['message']}", file=sys.stderr)
-        report["components"][name] = section
-    if report_dir is not None:
-        rep.write(report, opts.images, report_dir)
+    with remembered_interrupt() as check_interrupt:
+        for name in components:
+            echo(f"[parity] {name} ...", file=sys.stderr)
+            section = comp.run_component(name, opts)
+            check_interrupt()
+            if section["status"] != "ok":
+                echo(f"[parity] {name}: {section['status']}: {section['message']}", file=sys.stderr)
+            elif section.get("note"):
+                echo(f"[parity] {name}: note: {section['note']}", file=sys.stderr)
+            report["components"][name] = section
+        report["verdict"] = rep.verdict(report)
+        if report_dir is not None:
+            rep.write(report, opts.images, report_dir)
     echo(rep.terminal_table(report))
     if report_dir is not None:
         echo(f"report: {report_dir / 'summary.md'} (figures in report.json)")
     return report
+
+
+# what each component reads from the checkpoint root
+NEEDS = {
+    "text_encoder": ("text_encoder", "tokenizer"),
+    "transformer": ("transformer",),
+    "vae": ("vae",),
+    "pipeline": ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"),
+}
+
+
+def check_inputs(model: Path, names: tuple[str, ...], reference_dit: str | None) -> None:
+    """Everything the components need, checked before any of them runs (one InputError line each)."""
+    from . import reference as ref_lib
+
+    missing = sorted({sub for n in names for sub in NEEDS[n] if not (model / sub).is_dir()})
+    if missing:
+        raise InputError(f"--model {model} has no {', '.join(s + '/' for s in missing)} (needed by "
+                         f"{', '.join(n for n in names if set(NEEDS[n]) & set(missing))}); give the full "
+                         "checkpoint root or leave those out with --components.")
+    try:
+        ref_lib.require("torch", "lens-jax parity compares against PyTorch")
+    except ref_lib.Unavailable as e:
+        raise InputError(str(e)) from None
+    if reference_dit and {"transformer", "pipeline"} & set(names):
+        try:
+            ref_lib.find_dit_class(reference_dit)
+        except ref_lib.Unavailable as e:
+            raise InputError(str(e)) from None
 
 
 def run(args) -> int:
@@ -108,13 +175,13 @@ def run(args) -> int:
     # checked before any component runs: a bad --report used to fail only after the comparisons
     validation.check_steps(args.steps, "--steps")
     validation.check_guidance(args.guidance, "--guidance")
+    validation.check_seed(args.seed, 3, "--seed")  # seed, seed + 1, seed + 2 draw the inputs (numpy: >= 0)
     validation.check_output_dir(args.report, name="--report")
     opts = comp.Options(model=model, dtype=args.dtype, size=parse_size(args.size), prompt=args.prompt,
                         seed=args.seed, reference_dit=args.reference_dit, steps=args.steps, guidance=args.guidance)
     names = parse_components(args.components)
+    check_inputs(model, names, args.reference_dit)
     if args.dtype == "f32":
         jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 / bf16 passes on accelerators
     report = parity(opts, names, Path(args.report))
-    sections = report["components"].values()
-    failed = any(s["status"] == "failed" or (s["status"] == "ok" and not s["passed"]) for s in sections)
-    return 1 if failed else 0
+    return 0 if report["verdict"]["status"] == "pass" else 1

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .metrics import TOLERANCE_BASIS
 
 TITLES = {
     "text_encoder": "Text encoder (GPT-OSS, transformers)",
@@ -65,6 +70,46 @@ def headline_rows(report: dict) -> list[list[str]]:
 
 
 HEADER = ["component", "check", "max abs", "rel", "cosine", "PSNR dB", "first jump", "verdict"]
+# the order data flows in: the first failing stage in this order is where the difference enters
+STAGES = ("text_encoder", "transformer", "vae", "pipeline")
+STAGE_HINT = {
+    "text_encoder": "GPT-OSS text encoder",
+    "transformer": "DiT",
+    "vae": "VAE",
+    "pipeline": "sampler (scheduler, CFG, latent packing); text encoder, DiT and VAE agree on their own",
+}
+
+
+def verdict(report: dict) -> dict:
+    """{'status': 'pass' | 'fail' | 'nothing compared', 'first': stage or None, 'line': one line}.
+
+    A failing stage is named with the layer its error enters at; stages after it in the data flow
+    (the end-to-end run after a failing DiT) inherit the error and are listed after it."""
+    secs = report["components"]
+    order = [n for n in STAGES if n in secs] + [n for n in secs if n not in STAGES]
+    failing = [n for n in order if secs[n]["status"] == "failed" or (secs[n]["status"] == "ok" and not secs[n]["passed"])]
+    ran = [n for n in order if secs[n]["status"] == "ok"]
+    skipped = [n for n in order if secs[n]["status"] == "skipped"]
+    basis = TOLERANCE_BASIS.get(report.get("dtype", "f32"), "")
+    not_checked = f"; NOT CHECKED: {', '.join(skipped)} (skipped, see above)" if skipped else ""
+    if failing:
+        first = failing[0]
+        sec = secs[first]
+        if sec["status"] == "failed":
+            where = f"{first} crashed ({sec.get('message', '')})"
+        else:
+            jump = sec.get("first_jump")
+            hint = STAGE_HINT.get(first, first) if first != "pipeline" or {"text_encoder", "transformer", "vae"} <= set(ran) \
+                else "end-to-end run"
+            where = f"{first} differs first ({hint}" + (f"; from {jump['layer']}" if jump else "") + ")"
+        later = f"; also failing: {', '.join(failing[1:])}" if failing[1:] else ""
+        line = f"verdict: FAIL: {where}{later}{not_checked}"
+        return {"status": "fail", "first": first, "line": line}
+    if not ran:
+        return {"status": "nothing compared", "first": None,
+                "line": f"verdict: NOTHING COMPARED: every component was skipped{not_checked}"}
+    return {"status": "pass", "first": None,
+            "line": f"verdict: PASS: {', '.join(ran)} within tolerance ({basis}){not_checked}"}
 
 
 def terminal_table(report: dict) -> str:
@@ -79,6 +124,7 @@ def terminal_table(report: dict) -> str:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if k == 0:
             lines.append("-" * (sum(widths) + 2 * len(widths) + 7))
+    lines.append((report.get("verdict") or verdict(report))["line"])
     return "\n".join(lines)
 
 
@@ -90,6 +136,8 @@ def markdown(report: dict) -> str:
            f"- devices: JAX {report['devices']['jax']}; PyTorch {report['devices']['torch']}", "",
            "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     out += ["| " + " | ".join(r) + " |" for r in headline_rows(report)]
+    out += ["", (report.get("verdict") or verdict(report))["line"],
+            "", f"Tolerances: {TOLERANCE_BASIS.get(report['dtype'], '')} (`lens_jax.tools.parity.metrics`)."]
     for name, sec in report["components"].items():
         out += ["", f"## {TITLES.get(name, name)}", ""]
         if sec["status"] != "ok":
@@ -99,12 +147,13 @@ def markdown(report: dict) -> str:
         out.append(f"Tolerance: {sec['tolerance_text']}. First layer where the error jumps: "
                    f"{jump['layer'] + ' (' + format(jump['error_over_bound'], '.3g') + 'x its bound)' if jump else 'none'}."
                    + (f" Largest growth from one layer to the next: {grow['layer']} (x{grow['growth']:.3g})."
-                      if (grow := sec.get("largest_growth")) else ""))
+                      if (grow := sec.get("largest_growth")) else "")
+                   + (f" Note: {sec['note']}" if sec.get("note") else ""))
         out += ["", "| check | max abs | rel | cosine | PSNR dB | pass |", "|---|---|---|---|---|---|"]
         for r in sec["records"]:
             out.append(f"| {r['name']} | {_num(r['max_abs'], 'abs')} | {_num(r['max_rel'], 'rel')} | "
                        f"{_num(r['cosine'], 'cosine')} | {_num(r['psnr'], 'psnr')} | "
-                       f"{'yes' if r.get('passed', True) else 'NO'} |")
+                       f"{'info' if r.get('info') else 'yes' if r.get('passed', True) else 'NO'} |")
         for png in sec.get("plots", []):
             out += ["", f"![{name}]({png})"]
     return "\n".join(out) + "\n"
@@ -184,8 +233,24 @@ def save_images(name: str, ours: np.ndarray, ref: np.ndarray, folder: Path) -> s
 
 
 def write(report: dict, images: dict, folder: Path) -> dict[str, Path]:
-    """Write report.json, summary.md and the PNGs into `folder`; returns their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write report.json, summary.md and the PNGs into `folder`; returns their paths.
+
+    Everything is written into a staging folder beside `folder` first and moved in when complete
+    (report.json last), so an error or Ctrl-C while writing leaves no partial report."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        _write_into(report, images, staging)
+        folder.mkdir(exist_ok=True)
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == "report.json"):
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"json": folder / "report.json", "markdown": folder / "summary.md"}
+
+
+def _write_into(report: dict, images: dict, folder: Path) -> None:
     notes = []
     for name, sec in report["components"].items():
         if sec["status"] != "ok":
@@ -202,7 +267,5 @@ def write(report: dict, images: dict, folder: Path) -> dict[str, Path]:
         sec["plots"] = plots
     if notes:
         report["notes"] = notes
-    paths = {"json": folder / "report.json", "markdown": folder / "summary.md"}
-    paths["json"].write_text(json.dumps(_clean(report), indent=1))
-    paths["markdown"].write_text(markdown(report))
-    return paths
+    (folder / "report.json").write_text(json.dumps(_clean(report), indent=1))
+    (folder / "summary.md").write_text(markdown(report))

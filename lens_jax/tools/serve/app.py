@@ -132,7 +132,7 @@ def _jobs(req: GenerationRequest, defaults: dict, cfg: ServeConfig,
     if req.seed is not None and req.seed + req.n - 1 > jobs_lib.MAX_SEED:  # image i gets seed + i, never wrapped
         raise _FieldError("seed", f"seed={req.seed} with n={req.n}: image i uses seed + i, so seed must be at most "
                                   f"{jobs_lib.MAX_SEED - req.n + 1}.")
-    seed = random.randrange(jobs_lib.MAX_SEED - req.n + 2) if req.seed is None else req.seed
+    seed = random.randrange(jobs_lib.RANDOM_SEED_MAX - req.n + 2) if req.seed is None else req.seed
     field = "size" if req.size is not None else "aspect_ratio"
     try:
         first = jobs_lib.make_job(defaults, req.prompt, seed=seed, negative_prompt=req.negative_prompt,
