@@ -46,7 +46,7 @@ def test_page_generates_with_progress_and_reuses_settings():
             page.select_option("#sizemode", "size")
             page.fill("#width", "96")
             page.fill("#height", "64")
-            page.fill("#seed", "42")
+            page.fill("#seed", "18446744073709551615")  # 2**64 - 1: past a JavaScript number's exact range
             # Record every value the progress bar takes (the SSE events drive it).
             page.evaluate("""() => { window.seen = [];
                 new MutationObserver(() => window.seen.push(document.getElementById('progresstext').textContent))
@@ -61,7 +61,7 @@ def test_page_generates_with_progress_and_reuses_settings():
             # Mutation records coalesce within one task, so fast steps may show as the last one only.
             assert seen[0].startswith("queued") and "step 2 / 2" in seen and seen[-1] == "done", seen
             assert page.evaluate("() => document.getElementById('progress').value") == 1
-            sync_api.expect(figure.locator("figcaption")).to_contain_text("seed 42")
+            sync_api.expect(figure.locator("figcaption")).to_contain_text("seed 18446744073709551615")
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
 
             # Click the result: its settings come back into the form.
@@ -69,7 +69,7 @@ def test_page_generates_with_progress_and_reuses_settings():
             page.fill("#seed", "")
             figure.click()
             assert page.input_value("#prompt") == "a red cube on a wooden table"
-            assert page.input_value("#seed") == "42" and page.input_value("#width") == "96"
+            assert page.input_value("#seed") == "18446744073709551615" and page.input_value("#width") == "96"
             assert page.input_value("#steps") == "2"
 
             # A field the server rejects is shown, naming it.

@@ -14,11 +14,22 @@ function request() {
   const body = { prompt: $("prompt").value.trim(), negative_prompt: $("negative_prompt").value, stream: true };
   if ($("sizemode").value === "size") body.size = `${$("width").value}x${$("height").value}`;
   else body.aspect_ratio = $("aspect_ratio").value;
-  for (const k of ["steps", "seed"]) if ($(k).value !== "") body[k] = parseInt($(k).value, 10);
+  if ($("steps").value !== "") body.steps = parseInt($("steps").value, 10);
+  if ($("seed").value !== "") body.seed = $("seed").value.trim();  // digits: seeds go past 2**53 (toJson)
   if ($("guidance").value !== "") body.guidance = parseFloat($("guidance").value);
   if ($("variant").value) body.variant = $("variant").value;
   if ($("lora").value) body.lora = [{ name: $("lora").value, multiplier: parseFloat($("lora_multiplier").value || "1") }];
   return body;
+}
+
+// Seeds are integers up to 2**64 - 1, past what a JavaScript number holds exactly: they travel as
+// their digits, written into the JSON text as a number and read back from it as a string.
+function toJson(body) {
+  return JSON.stringify(body).replace(/"seed":"(\d+)"/, '"seed":$1');
+}
+
+function fromJson(text) {
+  return JSON.parse(text.replace(/"seed":\s*(\d{16,})/g, '"seed":"$1"'));
 }
 
 function setProgress(value, max, text) {
@@ -84,7 +95,7 @@ async function generate(ev) {
   $("generate").disabled = true;
   setProgress(0, 1, "queued…");
   try {
-    const resp = await fetch("/v1/images/generations", { method: "POST", headers: headers(), body: JSON.stringify(sent) });
+    const resp = await fetch("/v1/images/generations", { method: "POST", headers: headers(), body: toJson(sent) });
     if (!resp.ok) throw new Error(`${resp.status}: ${await errorText(resp)}`);
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
     let buf = "";
@@ -101,7 +112,7 @@ async function generate(ev) {
           if (line.startsWith("event:")) event = line.slice(6).trim();
           else if (line.startsWith("data:")) data += line.slice(5).trim();
         }
-        const msg = data ? JSON.parse(data) : {};
+        const msg = data ? fromJson(data) : {};
         if (event === "queued") setProgress(0, 1, `queued (${msg.queue} waiting)`);
         else if (event === "started") setProgress(0, 1, `running in a batch of ${msg.batch_images}`);
         else if (event === "progress") setProgress(msg.step, msg.steps, `step ${msg.step} / ${msg.steps}`);
