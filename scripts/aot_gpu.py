@@ -342,25 +342,75 @@ def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: f
     return dict(kernels_per_layer=launches, roofline_ms=total, kinds=dict(kinds))
 
 
-def mxfp4_report(device, width: int, tokens: int, impls) -> None:
-    """scripts/check_mxfp4_fusion.py's verdict for the GPU target."""
+def moe_branches(text: str, width: int, rows: int, peak: float, bandwidth: float) -> dict[str, list]:
+    """Kernels of a one-MoE-layer program per branch of its top-level conditional (the MXFP4 decode's
+    choice: `lax.cond(fast_ok, fast, general)`), each with the kernels
+    outside it. Pallas kernels (opaque to XLA's cost model) get their FLOPs from the shapes: 2 x `rows`
+    routed rows x out x in (`width`, the harness's hidden = expert width); their bytes are their operands
+    + result (each byte once: a lower bound of the kernel's traffic)."""
+    module = hk.parse(text)
+
+    def patched(ks):
+        for k in ks:
+            if k.kind == "pallas":
+                k.flops = 2.0 * rows * hk.dims_of(k.out_shape)[-1] * width
+        return ks
+
+    full = patched(hk.kernels(module, module.entry, peak, bandwidth))
+    cond = next((i for i in module.computations[module.entry] if i.op == "conditional"), None)
+    if cond is None:
+        return {"only": full}
+    branches = [patched(hk.kernels(module, n, peak, bandwidth)) for n in hk.branch_names(module, cond)]
+    inside = {k.name for ks in branches for k in ks}
+    outside = [k for k in full if k.name not in inside]
+    # a two-way cond is a pred conditional (branch_names lists true, then false) or an index one (0 = false)
+    pred_form = "true_computation=" in cond.rest
+    labels = (["fast", "general"] if pred_form else ["general", "fast"]) if len(branches) == 2 else \
+        [f"branch {i}" for i in range(len(branches))]
+    return {label: outside + ks for label, ks in zip(labels, branches)}
+
+
+def _unknown_trip_loops(text: str) -> bool:
+    module = hk.parse(text)
+    return any(hk.trip_count(module, body) is None for _, body in hk.while_bodies(module))
+
+
+def mxfp4_report(device, width: int, tokens: int, impls, top_k: int = 4, peak: float = 989e12,
+                 bandwidth: float = 3.35e12) -> None:
+    """scripts/check_mxfp4_fusion.py's verdict for the GPU target, and each dispatch's roofline."""
     import check_mxfp4_fusion as cm
 
     sh = jax.sharding.SingleDeviceSharding(device)
     print(f"\n### MXFP4 decode fused into the expert GEMMs? (one GPT-OSS MoE layer, width {width}, {tokens} tokens, bf16)\n")
     print("| dispatch | verdict | GEMM computations | Triton GEMM fusions | decode inside | decode outside a GEMM |")
     print("|---|---|---|---|---|---|")
+    rooflines = []
     for impl in impls:
         layer, args = cm.moe_layer(width, tokens, jnp.bfloat16)
         args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), args)
         try:
-            r = cm.analyse(jax.jit(layer, static_argnums=3).lower(*args, impl).compile().as_text())
+            text = jax.jit(layer, static_argnums=3).lower(*args, impl).compile().as_text()
+            r = cm.analyse(text)
         except Exception as e:  # a refusal is a finding: print it as the row
             print(f"| {impl} | FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]} | | | | |", flush=True)
             continue
         print(f"| {impl} | {'FUSED' if r['fused'] else 'not fused'} | {r['gemm_computations']} | "
               f"{r['triton_gemm_fusions']} | {', '.join(r['fused_in']) or '-'} | "
               f"{', '.join(r['decode_outside_gemm']) or '-'} |", flush=True)
+        rooflines.append((impl, text))
+    print(f"\nRoofline of the layer per decode branch ({peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.2f} TB/s; routed rows "
+          f"{tokens} x top-{top_k}; Pallas kernels' FLOPs from their shapes, bytes = operands + result once):\n")
+    print("| dispatch | branch | kernels | GEMM GFLOP | MB moved | roofline µs | of which GEMM / Pallas µs |")
+    print("|---|---|---|---|---|---|---|")
+    for impl, text in rooflines:
+        if _unknown_trip_loops(text):
+            print(f"| {impl} | - | data-dependent loops (trip counts unknown at compile time): no static roofline | | | | |")
+            continue
+        for label, ks in moe_branches(text, width, tokens * top_k, peak, bandwidth).items():
+            ms = sum(k.count * k.roofline_ms(peak, bandwidth) for k in ks)
+            mm = sum(k.count * k.roofline_ms(peak, bandwidth) for k in ks if k.kind in ("gemm", "pallas"))
+            print(f"| {impl} | {label} | {sum(k.count for k in ks)} | {sum(k.count * k.flops for k in ks) / 1e9:.0f} | "
+                  f"{sum(k.count * k.bytes for k in ks) / 1e6:.0f} | {1e3 * ms:.0f} | {1e3 * mm:.0f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -378,7 +428,7 @@ def main(argv=None) -> int:
                     help="text tokens per row of `text-step` (512: scripts/benchmark_text_encoder.py's workload)")
     ap.add_argument("--moe-width", type=int, default=2880)
     ap.add_argument("--moe-tokens", type=int, default=1024)
-    ap.add_argument("--moe-impls", nargs="+", default=["dense", "ragged", "grouped"])
+    ap.add_argument("--moe-impls", nargs="+", default=["dense", "ragged", "grouped", "gmm"])
     ap.add_argument("--dump", default=None, help="dit-step: write the optimised HLO to DUMP (.<size> appended)")
     args = ap.parse_args(argv)
 
@@ -407,7 +457,7 @@ def main(argv=None) -> int:
                           max(configs["dit"].selected_layer_index) + 1, peak, bandwidth,
                           f"{args.dump}.text" if args.dump else None)
         if "mxfp4" in args.programs:
-            mxfp4_report(device, args.moe_width, args.moe_tokens, args.moe_impls)
+            mxfp4_report(device, args.moe_width, args.moe_tokens, args.moe_impls, peak=peak, bandwidth=bandwidth)
     return 0
 
 

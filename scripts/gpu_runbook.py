@@ -158,6 +158,11 @@ STEPS: tuple[Step, ...] = (
     Step("mxfp4_fusion", 2, "check_mxfp4_fusion.py", ("--tokens", "1024"),
          ("--width", "64", "--tokens", "16"),
          90, "issue 11 item 4: is the MXFP4 decode fused into the expert GEMMs (optimised HLO)", writes_json=True),
+    Step("moe_gmm", 2, "benchmark_moe.py", ("--tokens", "64", "192", "1024", "4096", "--impls", "dense", "ragged",
+                                            "gmm", "--runs", "5"),
+         ("--width", "64", "--tokens", "8", "64", "--impls", "dense", "gmm", "--runs", "1"),
+         120, "issue 11 item 4: the MXFP4 grouped-matmul kernel (moe_impl='gmm', opt-in) against dense / ragged "
+              "per token count, and its max difference from dense: put it in MOE_DISPATCH's GPU rows if it wins"),
     Step("moe_dispatch", 2, "benchmark_moe.py", ("--tokens", "8", "64", "192", "1024", "4096", "--runs", "5"),
          ("--width", "64", "--tokens", "8", "64", "--runs", "1"),
          150, "issue 11 item 4: MOE_DISPATCH GPU rows (grouped / ragged / dense per token count)"),
