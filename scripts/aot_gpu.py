@@ -282,8 +282,10 @@ def dit_step_report(configs, device, size: int, text_tokens: int, peak: float, b
 
 
 def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: float, bandwidth: float,
-                  dump: str | None = None, top: int = 12) -> dict:
-    """Kernels of a compiled program with one layer loop: per layer (the loop's body) and outside it."""
+                  dump: str | None = None, top: int = 12, pallas_cost=None) -> dict:
+    """Kernels of a compiled program with one layer loop: per layer (the loop's body) and outside it.
+    `pallas_cost(kernel) -> (FLOPs, bytes)` for Pallas kernels (opaque to the HLO reader, which counts 0
+    FLOPs and every operand's bytes)."""
     text = compiled.as_text()
     if dump:
         Path(dump).write_text(text)
@@ -293,6 +295,9 @@ def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: f
     layers = (hk.trip_count(module, body) or num_layers) if body else 0
     per_block = hk.kernels(module, body, peak, bandwidth) if body else []
     outside = hk.kernels(module, module.entry, peak, bandwidth, skip=body)
+    for k in per_block + outside:
+        if k.kind == "pallas" and pallas_cost is not None:
+            k.flops, k.bytes = pallas_cost(k)
     mem = Mem.of(compiled)
     print(f"\n### {title} (compile {seconds:.1f} s; args {mem.args:.2f} GiB, temp {mem.temp:.2f} GiB)\n")
     print(f"XLA HloCostAnalysis of the optimised module: {xla.get('flops', float('nan')) / 1e12:.1f} TFLOP "
@@ -326,7 +331,7 @@ def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: f
     print("\nNon-GEMM kernels of one layer, largest first (roofline µs; where lens_jax's source puts the fused ops):\n")
     print("| kind | µs | MB | result | fused ops | source (model frame -> innermost lens_jax frame) |")
     print("|---|---|---|---|---|---|")
-    rest = sorted((k for k in per_block if k.kind not in ("gemm", "attention")),
+    rest = sorted((k for k in per_block if k.kind not in ("gemm", "attention", "pallas")),
                   key=lambda k: -k.count * k.roofline_ms(peak, bandwidth))
     for k in rest[:top]:
         ops = ", ".join(f"{o} {n}" for o, n in k.ops.most_common(6))
@@ -335,7 +340,7 @@ def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: f
               f"{k.out_shape.split('{')[0]} | {ops} | {'; '.join(k.sources[:3])} |")
     print("\nGEMMs and attention of one layer:\n\n| kind | µs | GFLOP | MB | result | source |\n|---|---|---|---|---|---|")
     for k in per_block:
-        if k.kind in ("gemm", "attention"):
+        if k.kind in ("gemm", "attention", "pallas"):
             times = f" (x{k.count})" if k.count > 1 else ""
             print(f"| {k.kind} | {1e3 * k.roofline_ms(peak, bandwidth):.1f}{times} | {k.flops / 1e9:.1f} | "
                   f"{k.bytes / 1e6:.0f} | {k.out_shape.split('{')[0]} | {'; '.join(k.sources[:2])} |")
@@ -426,6 +431,8 @@ def main(argv=None) -> int:
                     help="text tokens of `dit-step` (512: scripts/benchmark_transformer.py's workload)")
     ap.add_argument("--te-text-tokens", type=int, default=512,
                     help="text tokens per row of `text-step` (512: scripts/benchmark_text_encoder.py's workload)")
+    ap.add_argument("--te-moe", default="auto", help="text-step: the MoE dispatch (auto: the GPU row of MOE_DISPATCH; gmm: "
+                    "the MXFP4 grouped-matmul kernel)")
     ap.add_argument("--moe-width", type=int, default=2880)
     ap.add_argument("--moe-tokens", type=int, default=1024)
     ap.add_argument("--moe-impls", nargs="+", default=["dense", "ragged", "grouped", "gmm"])
@@ -433,6 +440,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from lens_jax import parallel
+    from lens_jax.models import mxfp4
 
     configs = aot_tpu.load_configs(args.config)
     device = target_device(args.target)
@@ -451,11 +459,22 @@ def main(argv=None) -> int:
                                 f"{args.dump}.{size}" if args.dump else None)
         if "text-step" in args.programs:
             t0 = time.perf_counter()
-            compiled = aot_tpu.compile_text_encoder(configs, mesh, args.te_text_tokens, 2)
+            compiled = aot_tpu.compile_text_encoder(configs, mesh, args.te_text_tokens, 2, moe_impl=args.te_moe)
+            te, layers = configs["te"], max(configs["dit"].selected_layer_index) + 1
+            routed = 2 * args.te_text_tokens * te.num_experts_per_tok
+
+            def pallas_cost(k):
+                """mxfp4_gemm: 2 x routed rows x out x in FLOPs (gate_up: in = hidden, down: in = intermediate);
+                its operands hold every layer's packed experts, of which it reads one layer's."""
+                out = hk.dims_of(k.out_shape)[-1]
+                fan_in = te.hidden_size if out == 2 * te.intermediate_size else te.intermediate_size
+                stack = layers * te.num_local_experts * out * (fan_in // 2 + fan_in // mxfp4.BLOCK)
+                return 2.0 * routed * out * fan_in, k.bytes - stack + stack / layers
+
             kernel_report(compiled, f"text encoder, 2 x {args.te_text_tokens} tokens (one CFG pair), MXFP4-packed "
-                          "experts, bf16, layers up to the last selected one", time.perf_counter() - t0,
-                          max(configs["dit"].selected_layer_index) + 1, peak, bandwidth,
-                          f"{args.dump}.text" if args.dump else None)
+                          f"experts, bf16, layers up to the last selected one, moe_impl={args.te_moe}",
+                          time.perf_counter() - t0, max(configs["dit"].selected_layer_index) + 1, peak, bandwidth,
+                          f"{args.dump}.text" if args.dump else None, pallas_cost=pallas_cost)
         if "mxfp4" in args.programs:
             mxfp4_report(device, args.moe_width, args.moe_tokens, args.moe_impls, peak=peak, bandwidth=bandwidth)
     return 0

@@ -48,12 +48,17 @@ def experts():
     return packed_experts(np.random.default_rng(0), CFG)
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
-def test_kernel_equals_decode_then_matmul(experts, fast):
+# several row, column and input tiles (the last row tile reads the last 16 rows, storing only its own);
+# one tile taller than all 56 rows (the rows are padded to it)
+TILINGS = [mxfp4_gemm.Tiling(block_m=16, block_n=32, block_k=32), mxfp4_gemm.Tiling(block_m=64, block_n=64, block_k=64)]
+
+
+@pytest.mark.parametrize("fast,tiling", [(True, TILINGS[0]), (False, TILINGS[0]), (True, TILINGS[1])],
+                         ids=["fast", "general", "fast-one-tall-tile"])
+def test_kernel_equals_decode_then_matmul(experts, fast, tiling):
     rng = np.random.default_rng(1)
     blocks, scales = experts["gate_up_proj_blocks"][0], experts["gate_up_proj_scales"][0]  # [E, 64, 2, 16]
     x = rng.standard_normal((int(SIZES.sum()), CFG.hidden_size)).astype(np.float32)
-    tiling = mxfp4_gemm.Tiling(block_m=16, block_n=32, block_k=32)  # several row, column and input tiles
     got = np.asarray(jax.jit(lambda x: mxfp4_gemm.gmm(x, blocks, scales, jnp.asarray(SIZES), fast=fast,
                                                       tiling=tiling))(x))
     want = _reference(x, blocks, scales, SIZES, jnp.float32)

@@ -11,10 +11,9 @@ Layout of the work: the rows of each expert are cut into tiles of `block_m` rows
 expert's first row (at most rows/block_m + experts tiles in all; a static upper bound sizes the
 grid, spare tiles do nothing). Program (tile, j) computes rows [start, end) of its expert for output
 columns [j*block_n, (j+1)*block_n), looping over the input dimension `block_k` values at a time.
-A packed byte holds input elements 2i (low nibble) and 2i+1 (high nibble), so the kernel contracts
-the low nibbles with the even input columns and the high nibbles with the odd ones: `x` is passed
-de-interleaved ([rows, 2, in/2], a layout change XLA fuses into whatever produces `x`), and no
-shuffle of the decoded tile is needed.
+A packed byte holds input elements 2i (low nibble) and 2i+1 (high nibble): the kernel decodes both
+halves of a [block_n, block_k/2] byte tile and interleaves them (`jnp.stack(..., axis=-1)`, Triton's
+`join`) into the [block_n, block_k] weight tile, so `x` is read in its own layout.
 
 Backends: on GPU the kernel lowers through Pallas' Triton backend; on CPU it runs in Pallas'
 interpret mode (tests; slow); TPU is not supported (use the XLA dispatches there). No autodiff rule:
@@ -107,7 +106,7 @@ def tile_bounds(group_sizes: jax.Array, block_m: int, num_tiles: int) -> tuple[j
 
 
 def _kernel(group_ref, start_ref, end_ref, offset_ref, x_ref, blocks_ref, scales_ref, out_ref, *, tiling: Tiling,
-            k_half: int, fast: bool, dot_dtype, precision):
+            num_rows: int, k_half: int, fast: bool, dot_dtype, precision):
     bm, bn = tiling.block_m, tiling.block_n
     bkh = tiling.block_k // 2  # packed bytes (= even or odd input columns) per step
     t, j = pl.program_id(0), pl.program_id(1)
@@ -118,12 +117,13 @@ def _kernel(group_ref, start_ref, end_ref, offset_ref, x_ref, blocks_ref, scales
 
     @pl.when(start < end)
     def _():
-        rows = pl.ds(start, bm)
+        # a tile near the end reads the last bm rows (in bounds, no padding) and stores only its own
+        base = jnp.minimum(start, num_rows - bm)
+        rows = pl.ds(base, bm)
 
         def step(i, acc):
             kb = i * bkh
-            x_even = x_ref[rows, 0, pl.ds(kb, bkh)].astype(dot_dtype)  # [bm, bkh]: input columns 2c
-            x_odd = x_ref[rows, 1, pl.ds(kb, bkh)].astype(dot_dtype)  # input columns 2c + 1
+            x = x_ref[rows, pl.ds(2 * kb, 2 * bkh)].astype(dot_dtype)  # [bm, bk]
             packed = blocks_ref[g, pl.ds(n0, bn), pl.ds(kb, bkh)].astype(jnp.int32)  # [bn, bkh]
             sc = scales_ref[g, pl.ds(n0, bn), pl.ds(kb // 16, bkh // 16)].astype(jnp.int32)  # [bn, bkh/16]
             # one scale per 16 bytes (32 values): repeat each along the byte axis
@@ -133,11 +133,13 @@ def _kernel(group_ref, start_ref, end_ref, offset_ref, x_ref, blocks_ref, scales
                 bits = mxfp4._float_bits(code, sc, mant, bias, max_exp, fast)
                 return jax.lax.bitcast_convert_type(bits.astype(uint), dot_dtype)  # [bn, bkh]
 
-            acc += pl.dot(x_even, weights(packed & 0xF), trans_b=True, precision=precision)
-            return acc + pl.dot(x_odd, weights(packed >> 4), trans_b=True, precision=precision)
+            # byte c holds input columns 2c (low nibble) and 2c + 1 (high): interleave the two decoded halves
+            w = jnp.stack([weights(packed & 0xF), weights(packed >> 4)], axis=-1).reshape(bn, 2 * bkh)
+            return acc + pl.dot(x, w, trans_b=True, precision=precision)
 
         acc = jax.lax.fori_loop(0, k_half // bkh, step, jnp.zeros((bm, bn), jnp.float32))
-        mask = (start + jnp.arange(bm) < end)[:, None]
+        row = base + jnp.arange(bm)
+        mask = ((row >= start) & (row < end))[:, None]
         plgpu.store(out_ref.at[rows, pl.ds(n0, bn)], acc.astype(out_ref.dtype), mask=mask)
 
 
@@ -169,19 +171,18 @@ def gmm(x: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes: jax.Arr
     bm = tiling.block_m
     num_tiles = -(-rows // bm) + group_sizes.shape[0]  # every group adds at most one partial tile
     group, start, end = tile_bounds(group_sizes, bm, num_tiles)
-    # de-interleaved input (even / odd columns) with bm spare rows, so that a tile never reads past the end
-    xd = jnp.pad(x.reshape(rows, k // 2, 2).swapaxes(1, 2), ((0, bm), (0, 0), (0, 0)))
+    xp = jnp.pad(x, ((0, bm - rows), (0, 0))) if rows < bm else x  # fewer rows than one tile: pad to one
     packed = blocks.reshape(*blocks.shape[:2], k // 2)  # [groups, out, in/2]: byte c holds columns 2c, 2c+1
     offset = jnp.reshape(jnp.asarray(group_offset, jnp.int32), (1,))
     precision = jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, tiling=tiling, k_half=k // 2, fast=fast, dot_dtype=dot_dtype,
-                               precision=precision)
+    kernel = functools.partial(_kernel, tiling=tiling, num_rows=xp.shape[0], k_half=k // 2, fast=fast,
+                               dot_dtype=dot_dtype, precision=precision)
     whole = pl.no_block_spec  # refs are whole arrays; the kernel indexes them itself
 
     def call(interpret: bool, *operands):
         return pl.pallas_call(
             kernel,
-            out_shape=jax.ShapeDtypeStruct((rows + bm, n_out), out_dtype),
+            out_shape=jax.ShapeDtypeStruct((xp.shape[0], n_out), out_dtype),
             grid=(num_tiles, n_out // tiling.block_n),
             in_specs=[whole] * 7,
             out_specs=whole,
@@ -190,10 +191,10 @@ def gmm(x: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes: jax.Arr
             name="mxfp4_gmm",
         )(*operands)
 
-    operands = (group, start, end, offset, xd, packed, scales)
+    operands = (group, start, end, offset, xp, packed, scales)
     if interpret is None:  # by the platform lowered for: interpret mode on CPU, Triton elsewhere
         out = jax.lax.platform_dependent(*operands, cpu=functools.partial(call, True),
                                          default=functools.partial(call, False))
     else:
         out = call(interpret, *operands)
-    return out[:rows]
+    return out[:rows] if rows < bm else out
