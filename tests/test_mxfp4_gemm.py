@@ -196,3 +196,43 @@ def test_tiles_partition_the_rows_by_group():
         owner[s:e] = g
     assert (owner >= 0).all()
     assert int((end > start).sum()) == int(sum(-(-n // bm) for n in SIZES))  # empty groups get no tile
+
+
+# ----------------------------------------------------------------------------- reading the GPU program
+
+
+_PALLAS_HLO = """HloModule m
+
+%index_math (p0: s32[64]) -> s32[64] {
+  %p0 = s32[64]{0} parameter(0)
+  %c = s32[64]{0} constant({...})
+  ROOT %s = s32[64]{0} shift-right-logical(%p0, %c)
+}
+
+ENTRY %main (x: bf16[256,64], b: u8[4,128,32], s: u8[4,128,2], g: s32[64]) -> bf16[256,128] {
+  %x = bf16[256,64]{1,0} parameter(0)
+  %b = u8[4,128,32]{2,1,0} parameter(1)
+  %s = u8[4,128,2]{2,1,0} parameter(2)
+  %g = s32[64]{0} parameter(3)
+  %t = s32[64]{0} fusion(%g), kind=kLoop, calls=%index_math
+  ROOT %k = bf16[256,128]{1,0} custom-call(%t, %x, %b, %s), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={s32[64]{0}, bf16[256,64]{1,0}, u8[4,128,32]{2,1,0}, u8[4,128,2]{2,1,0}}, api_version=API_VERSION_TYPED_FFI, backend_config={name = "mxfp4_gmm", num_warps = 4 : i32}
+}
+"""
+
+
+def test_fusion_check_reads_a_pallas_kernel_on_packed_codes_as_fused():
+    """scripts/check_mxfp4_fusion.py: a Triton custom call taking the u8 codes decodes inside the kernel; a
+    shift on int32 indices (routing arithmetic) is not decode work; without u8 operands, no verdict of fusion."""
+    import sys
+
+    sys.path.insert(0, str(FIXTURES.parents[1] / "scripts"))
+    import _hlo_kernels as hk
+    from check_mxfp4_fusion import analyse
+
+    r = analyse(_PALLAS_HLO)
+    assert r["fused"] and r["fused_in"] == ["pallas mxfp4_gmm"] and r["decode_outside_gemm"] == []
+    no_codes = _PALLAS_HLO.replace("u8[", "bf16[")  # a Pallas kernel on float weights: nothing decoded
+    assert not analyse(no_codes)["fused"]
+    module = hk.parse(_PALLAS_HLO)
+    kinds = {k.name: k.kind for k in hk.kernels(module, module.entry)}
+    assert kinds["k"] == "pallas"
