@@ -16,8 +16,8 @@ halves of a [block_n, block_k/2] byte tile and interleaves them (`jnp.stack(...,
 `join`) into the [block_n, block_k] weight tile, so `x` is read in its own layout.
 
 Backends: on GPU the kernel lowers through Pallas' Triton backend; on CPU it runs in Pallas'
-interpret mode (tests; slow); TPU is not supported (use the XLA dispatches there). No autodiff rule:
-inference only.
+interpret mode (tests; slow); TPU is not supported (use the XLA dispatches there). The kernel has no
+autodiff rule (the text encoder's "gmm" dispatch takes the ragged dispatch's gradient).
 """
 
 from __future__ import annotations
