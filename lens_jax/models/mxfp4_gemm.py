@@ -108,7 +108,7 @@ def tile_bounds(group_sizes: jax.Array, block_m: int, num_tiles: int) -> tuple[j
 def _kernel(group_ref, start_ref, end_ref, offset_ref, x_ref, blocks_ref, scales_ref, out_ref, *, tiling: Tiling,
             num_rows: int, k_half: int, fast: bool, dot_dtype, precision):
     bm, bn = tiling.block_m, tiling.block_n
-    bkh = tiling.block_k // 2  # packed bytes (= even or odd input columns) per step
+    bkh = tiling.block_k // 2  # packed bytes per weight row and step (two input columns each)
     t, j = pl.program_id(0), pl.program_id(1)
     start, end = start_ref[t], end_ref[t]
     g = group_ref[t] + offset_ref[0]
@@ -155,8 +155,9 @@ def gmm(x: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes: jax.Arr
     it with float32 accumulation (float32 x: full-precision dots, no TF32). Returns [rows, out] in
     `out_dtype` (default x's dtype).
 
-    interpret: run the kernel in Pallas' interpret mode (None: where the program is lowered for CPU). Raises ValueError for
-    shapes the kernel does not take (input not a multiple of 32, output not a multiple of 16).
+    interpret: run the kernel in Pallas' interpret mode (None: where the program is lowered for CPU).
+    Raises ValueError for shapes the kernel does not take (input not a multiple of 32, output not a
+    multiple of 16, a tiling that does not divide them).
     """
     k, n_out = check_shapes(x.shape, blocks.shape, scales.shape, group_sizes.shape[0])
     rows = x.shape[0]
