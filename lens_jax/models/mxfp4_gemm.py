@@ -11,9 +11,10 @@ Layout of the work: the rows of each expert are cut into tiles of `block_m` rows
 expert's first row (at most rows/block_m + experts tiles in all; a static upper bound sizes the
 grid, spare tiles do nothing). Program (tile, j) computes rows [start, end) of its expert for output
 columns [j*block_n, (j+1)*block_n), looping over the input dimension `block_k` values at a time.
-A packed byte holds input elements 2i (low nibble) and 2i+1 (high nibble): the kernel decodes both
-halves of a [block_n, block_k/2] byte tile and interleaves them (`jnp.stack(..., axis=-1)`, Triton's
-`join`) into the [block_n, block_k] weight tile, so `x` is read in its own layout.
+The packed bytes are read as 16-bit words of four codes (input columns 4w..4w+3, lowest nibble
+first): the kernel decodes the four quarters of a [block_n, block_k/4] word tile and interleaves them
+(`jnp.stack(..., axis=-1)`, Triton's `join`) into the [block_n, block_k] weight tile, so `x` is read
+in its own layout.
 
 Backends: on GPU the kernel lowers through Pallas' Triton backend; on CPU it runs in Pallas'
 interpret mode (tests; slow); TPU is not supported (use the XLA dispatches there). The kernel has no
@@ -105,10 +106,10 @@ def tile_bounds(group_sizes: jax.Array, block_m: int, num_tiles: int) -> tuple[j
     return group, jnp.where(used, start, 0), jnp.where(used, end, 0)
 
 
-def _kernel(group_ref, start_ref, end_ref, offset_ref, x_ref, blocks_ref, scales_ref, out_ref, *, tiling: Tiling,
-            num_rows: int, k_half: int, fast: bool, dot_dtype, precision):
+def _kernel(group_ref, start_ref, end_ref, offset_ref, x_ref, words_ref, scales_ref, out_ref, *, tiling: Tiling,
+            num_rows: int, k: int, fast: bool, dot_dtype, precision):
     bm, bn = tiling.block_m, tiling.block_n
-    bkh = tiling.block_k // 2  # packed bytes per weight row and step (two input columns each)
+    bkw = tiling.block_k // 4  # packed 16-bit words per weight row and step (four input columns each)
     t, j = pl.program_id(0), pl.program_id(1)
     start, end = start_ref[t], end_ref[t]
     g = group_ref[t] + offset_ref[0]
@@ -122,22 +123,24 @@ def _kernel(group_ref, start_ref, end_ref, offset_ref, x_ref, blocks_ref, scales
         rows = pl.ds(base, bm)
 
         def step(i, acc):
-            kb = i * bkh
-            x = x_ref[rows, pl.ds(2 * kb, 2 * bkh)].astype(dot_dtype)  # [bm, bk]
-            packed = blocks_ref[g, pl.ds(n0, bn), pl.ds(kb, bkh)].astype(jnp.int32)  # [bn, bkh]
-            sc = scales_ref[g, pl.ds(n0, bn), pl.ds(kb // 16, bkh // 16)].astype(jnp.int32)  # [bn, bkh/16]
-            # one scale per 16 bytes (32 values): repeat each along the byte axis
-            sc = jnp.broadcast_to(sc[:, :, None], (bn, bkh // 16, 16)).reshape(bn, bkh)
+            kw = i * bkw
+            x = x_ref[rows, pl.ds(4 * kw, 4 * bkw)].astype(dot_dtype)  # [bm, bk]
+            words = words_ref[g, pl.ds(n0, bn), pl.ds(kw, bkw)].astype(jnp.int32)  # [bn, bkw]
+            sc = scales_ref[g, pl.ds(n0, bn), pl.ds(kw // 8, bkw // 8)].astype(jnp.int32)  # [bn, bkw/8]
+            # one scale per 8 words (32 values): repeat each along the word axis
+            sc = jnp.broadcast_to(sc[:, :, None], (bn, bkw // 8, 8)).reshape(bn, bkw)
 
-            def weights(code):
-                bits = mxfp4._float_bits(code, sc, mant, bias, max_exp, fast)
-                return jax.lax.bitcast_convert_type(bits.astype(uint), dot_dtype)  # [bn, bkh]
+            def weights(q):  # the decoded values of input columns 4w + q
+                bits = mxfp4._float_bits((words >> (4 * q)) & 0xF, sc, mant, bias, max_exp, fast)
+                return jax.lax.bitcast_convert_type(bits.astype(uint), dot_dtype)  # [bn, bkw]
 
-            # byte c holds input columns 2c (low nibble) and 2c + 1 (high): interleave the two decoded halves
-            w = jnp.stack([weights(packed & 0xF), weights(packed >> 4)], axis=-1).reshape(bn, 2 * bkh)
+            # interleave the four [bn, bkw] quarters into [bn, bk] (column 4w + 2a + b from quarter 2a + b),
+            # two levels of Triton `join` (a two-way stack on a new last axis)
+            pairs = [jnp.stack([weights(b), weights(2 + b)], axis=-1) for b in (0, 1)]  # [bn, bkw, a]
+            w = jnp.stack(pairs, axis=-1).reshape(bn, 4 * bkw)  # [bn, bkw, a, b] -> [bn, bk]
             return acc + pl.dot(x, w, trans_b=True, precision=precision)
 
-        acc = jax.lax.fori_loop(0, k_half // bkh, step, jnp.zeros((bm, bn), jnp.float32))
+        acc = jax.lax.fori_loop(0, k // (4 * bkw), step, jnp.zeros((bm, bn), jnp.float32))
         row = base + jnp.arange(bm)
         mask = ((row >= start) & (row < end))[:, None]
         plgpu.store(out_ref.at[rows, pl.ds(n0, bn)], acc.astype(out_ref.dtype), mask=mask)
@@ -173,10 +176,14 @@ def gmm(x: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes: jax.Arr
     num_tiles = -(-rows // bm) + group_sizes.shape[0]  # every group adds at most one partial tile
     group, start, end = tile_bounds(group_sizes, bm, num_tiles)
     xp = jnp.pad(x, ((0, bm - rows), (0, 0))) if rows < bm else x  # fewer rows than one tile: pad to one
-    packed = blocks.reshape(*blocks.shape[:2], k // 2)  # [groups, out, in/2]: byte c holds columns 2c, 2c+1
+    # [groups, out, in/4] uint16 (a free bitcast): word w holds columns 4w..4w+3, lowest nibble first
+    # (little-endian). 16-bit elements keep Pallas' 32-bit element offsets exact for stacks up to 4 GiB
+    # (above that it switches to 64-bit offsets); byte offsets of a 2-4 GiB uint8 stack (one layer
+    # type's 24 layers of GPT-OSS-20B experts) would overflow them.
+    words = jax.lax.bitcast_convert_type(blocks.reshape(*blocks.shape[:2], k // 4, 2), jnp.uint16)
     offset = jnp.reshape(jnp.asarray(group_offset, jnp.int32), (1,))
     precision = jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, tiling=tiling, num_rows=xp.shape[0], k_half=k // 2, fast=fast,
+    kernel = functools.partial(_kernel, tiling=tiling, num_rows=xp.shape[0], k=k, fast=fast,
                                dot_dtype=dot_dtype, precision=precision)
     whole = pl.no_block_spec  # refs are whole arrays; the kernel indexes them itself
 
@@ -192,7 +199,7 @@ def gmm(x: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes: jax.Arr
             name="mxfp4_gmm",
         )(*operands)
 
-    operands = (group, start, end, offset, xp, packed, scales)
+    operands = (group, start, end, offset, xp, words, scales)
     if interpret is None:  # by the platform lowered for: interpret mode on CPU, Triton elsewhere
         out = jax.lax.platform_dependent(*operands, cpu=functools.partial(call, True),
                                          default=functools.partial(call, False))
