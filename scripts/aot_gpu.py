@@ -27,7 +27,8 @@ host (`gpu_host()`: cuDNN attention, the GPU MoE dispatch, donated latents). Not
   roofline lower bound of the step (989 TFLOP/s dense bf16, 3.35 TB/s) by kind of kernel.
 - `text-step`: the same kernel reading for the GPT-OSS text encoder (2 x `--te-text-tokens` tokens).
 - `mxfp4`: scripts/check_mxfp4_fusion.py's question (is the MXFP4 decode fused into the expert
-  GEMMs?) for one real-width GPT-OSS MoE layer, each dispatch, compiled for the target.
+  GEMMs?) for one real-width GPT-OSS MoE layer, each dispatch (`--moe-impls`, including the Pallas
+  kernel `gmm`), compiled for the target, and each dispatch's roofline per decode branch.
 
 Per-kernel FLOPs and bytes are read from the optimised HLO (scripts/_hlo_kernels.py); the totals XLA's
 HloCostAnalysis gives (run by the CPU client on the GPU-optimised module: the compiled GPU executable

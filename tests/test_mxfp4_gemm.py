@@ -264,3 +264,11 @@ def test_fusion_check_reads_a_pallas_kernel_on_packed_codes_as_fused():
     module = hk.parse(_PALLAS_HLO)
     kinds = {k.name: k.kind for k in hk.kernels(module, module.entry)}
     assert kinds["k"] == "pallas"
+
+
+def test_gmm_on_tpu_is_refused_with_one_line(experts, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    x, w, idx = jnp.ones((4, CFG.hidden_size)), jnp.full((4, 2), 0.5), jnp.zeros((4, 2), jnp.int32)
+    with pytest.raises(ValueError, match="GPU kernel") as info:
+        jax.make_jaxpr(lambda x: T.moe(x, jax.tree.map(jnp.asarray, experts), 0, w, idx, CFG, "gmm"))(x)
+    assert "\n" not in str(info.value)

@@ -627,6 +627,9 @@ def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Arr
     if impl == "ragged":
         ys = ragged(*args)
     elif impl == "gmm" and "gate_up_proj_blocks" in experts:
+        if jax.default_backend() == "tpu":
+            raise ValueError("moe_impl='gmm' is a GPU kernel (Pallas on Triton) and does not run on TPU; use "
+                             "moe_impl='auto' (or 'grouped' / 'ragged') there.")
         ys = _with_gradient_of(ragged, lambda xs, experts, gu_bias, d_bias, sizes, sorted_e, layer: _gmm_experts(
             xs, sizes, sorted_e, experts, layer, gu_bias, d_bias, act), *args)
     elif impl in ("grouped", "gmm") or (impl == "tiled" and "gate_up_proj_blocks" not in experts):  # float: nothing to tile
