@@ -5,7 +5,8 @@ instruction of a computation that XLA:GPU launches as its own kernel (a fusion, 
 as a cuBLAS GEMM or the cuDNN attention, a copy or transpose, a dynamic slice or update, ...);
 parameters, tuples, get-tuple-element, bitcasts and constants are free. For each kernel:
 
-- `kind`: gemm (a Triton GEMM fusion or a cuBLAS custom call), attention (cuDNN fMHA), elementwise
+- `kind`: gemm (a Triton GEMM fusion or a cuBLAS custom call), attention (cuDNN fMHA), pallas (a Pallas
+  kernel, `__gpu$xla.gpu.triton`: opaque to the reader, 0 FLOPs, bytes = operands + result), elementwise
   (kLoop fusion), reduction (kInput fusion or a Triton reduction fusion), layout (copy / transpose, or
   a loop fusion whose root is one), slice (dynamic-slice / -update-slice: the scan's per-layer
   reads and writes), other;
@@ -257,6 +258,8 @@ def classify(module: Module, ins: Instr, shapes: dict[str, str]) -> Kernel:
         if len(q) == 4 and len(k) == 4:  # [B, T, H, D], [B, S, H, D]
             flops = 4.0 * q[0] * q[1] * q[2] * q[3] * k[1]
         nbytes = shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in ins.operands[:3])
+    elif ins.op == "custom-call" and target == "__gpu$xla.gpu.triton":
+        kind = "pallas"
     elif ins.op == "custom-call" and ("gemm" in target or "matmul" in target):
         kind = "gemm"
         flops = _dot_flops(ins, shapes)  # the result is the tuple's first array (then the workspace)

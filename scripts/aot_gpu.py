@@ -27,7 +27,8 @@ host (`gpu_host()`: cuDNN attention, the GPU MoE dispatch, donated latents). Not
   roofline lower bound of the step (989 TFLOP/s dense bf16, 3.35 TB/s) by kind of kernel.
 - `text-step`: the same kernel reading for the GPT-OSS text encoder (2 x `--te-text-tokens` tokens).
 - `mxfp4`: scripts/check_mxfp4_fusion.py's question (is the MXFP4 decode fused into the expert
-  GEMMs?) for one real-width GPT-OSS MoE layer, each dispatch, compiled for the target.
+  GEMMs?) for one real-width GPT-OSS MoE layer, each dispatch (`--moe-impls`, including the Pallas
+  kernel `gmm`), compiled for the target, and each dispatch's roofline per decode branch.
 
 Per-kernel FLOPs and bytes are read from the optimised HLO (scripts/_hlo_kernels.py); the totals XLA's
 HloCostAnalysis gives (run by the CPU client on the GPU-optimised module: the compiled GPU executable
@@ -282,8 +283,10 @@ def dit_step_report(configs, device, size: int, text_tokens: int, peak: float, b
 
 
 def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: float, bandwidth: float,
-                  dump: str | None = None, top: int = 12) -> dict:
-    """Kernels of a compiled program with one layer loop: per layer (the loop's body) and outside it."""
+                  dump: str | None = None, top: int = 12, pallas_cost=None) -> dict:
+    """Kernels of a compiled program with one layer loop: per layer (the loop's body) and outside it.
+    `pallas_cost(kernel) -> (FLOPs, bytes)` for Pallas kernels (opaque to the HLO reader, which counts 0
+    FLOPs and every operand's bytes)."""
     text = compiled.as_text()
     if dump:
         Path(dump).write_text(text)
@@ -293,6 +296,9 @@ def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: f
     layers = (hk.trip_count(module, body) or num_layers) if body else 0
     per_block = hk.kernels(module, body, peak, bandwidth) if body else []
     outside = hk.kernels(module, module.entry, peak, bandwidth, skip=body)
+    for k in per_block + outside:
+        if k.kind == "pallas" and pallas_cost is not None:
+            k.flops, k.bytes = pallas_cost(k)
     mem = Mem.of(compiled)
     print(f"\n### {title} (compile {seconds:.1f} s; args {mem.args:.2f} GiB, temp {mem.temp:.2f} GiB)\n")
     print(f"XLA HloCostAnalysis of the optimised module: {xla.get('flops', float('nan')) / 1e12:.1f} TFLOP "
@@ -326,7 +332,7 @@ def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: f
     print("\nNon-GEMM kernels of one layer, largest first (roofline µs; where lens_jax's source puts the fused ops):\n")
     print("| kind | µs | MB | result | fused ops | source (model frame -> innermost lens_jax frame) |")
     print("|---|---|---|---|---|---|")
-    rest = sorted((k for k in per_block if k.kind not in ("gemm", "attention")),
+    rest = sorted((k for k in per_block if k.kind not in ("gemm", "attention", "pallas")),
                   key=lambda k: -k.count * k.roofline_ms(peak, bandwidth))
     for k in rest[:top]:
         ops = ", ".join(f"{o} {n}" for o, n in k.ops.most_common(6))
@@ -335,32 +341,82 @@ def kernel_report(compiled, title: str, seconds: float, num_layers: int, peak: f
               f"{k.out_shape.split('{')[0]} | {ops} | {'; '.join(k.sources[:3])} |")
     print("\nGEMMs and attention of one layer:\n\n| kind | µs | GFLOP | MB | result | source |\n|---|---|---|---|---|---|")
     for k in per_block:
-        if k.kind in ("gemm", "attention"):
+        if k.kind in ("gemm", "attention", "pallas"):
             times = f" (x{k.count})" if k.count > 1 else ""
             print(f"| {k.kind} | {1e3 * k.roofline_ms(peak, bandwidth):.1f}{times} | {k.flops / 1e9:.1f} | "
                   f"{k.bytes / 1e6:.0f} | {k.out_shape.split('{')[0]} | {'; '.join(k.sources[:2])} |")
     return dict(kernels_per_layer=launches, roofline_ms=total, kinds=dict(kinds))
 
 
-def mxfp4_report(device, width: int, tokens: int, impls) -> None:
-    """scripts/check_mxfp4_fusion.py's verdict for the GPU target."""
+def moe_branches(text: str, width: int, rows: int, peak: float, bandwidth: float) -> dict[str, list]:
+    """Kernels of a one-MoE-layer program per branch of its top-level conditional (the MXFP4 decode's
+    choice: `lax.cond(fast_ok, fast, general)`), each with the kernels
+    outside it. Pallas kernels (opaque to XLA's cost model) get their FLOPs from the shapes: 2 x `rows`
+    routed rows x out x in (`width`, the harness's hidden = expert width); their bytes are their operands
+    + result (each byte once: a lower bound of the kernel's traffic)."""
+    module = hk.parse(text)
+
+    def patched(ks):
+        for k in ks:
+            if k.kind == "pallas":
+                k.flops = 2.0 * rows * hk.dims_of(k.out_shape)[-1] * width
+        return ks
+
+    full = patched(hk.kernels(module, module.entry, peak, bandwidth))
+    cond = next((i for i in module.computations[module.entry] if i.op == "conditional"), None)
+    if cond is None:
+        return {"only": full}
+    branches = [patched(hk.kernels(module, n, peak, bandwidth)) for n in hk.branch_names(module, cond)]
+    inside = {k.name for ks in branches for k in ks}
+    outside = [k for k in full if k.name not in inside]
+    # a two-way cond is a pred conditional (branch_names lists true, then false) or an index one (0 = false)
+    pred_form = "true_computation=" in cond.rest
+    labels = (["fast", "general"] if pred_form else ["general", "fast"]) if len(branches) == 2 else \
+        [f"branch {i}" for i in range(len(branches))]
+    return {label: outside + ks for label, ks in zip(labels, branches)}
+
+
+def _unknown_trip_loops(text: str) -> bool:
+    module = hk.parse(text)
+    return any(hk.trip_count(module, body) is None for _, body in hk.while_bodies(module))
+
+
+def mxfp4_report(device, width: int, tokens: int, impls, top_k: int = 4, peak: float = 989e12,
+                 bandwidth: float = 3.35e12) -> None:
+    """scripts/check_mxfp4_fusion.py's verdict for the GPU target, and each dispatch's roofline."""
     import check_mxfp4_fusion as cm
 
     sh = jax.sharding.SingleDeviceSharding(device)
     print(f"\n### MXFP4 decode fused into the expert GEMMs? (one GPT-OSS MoE layer, width {width}, {tokens} tokens, bf16)\n")
     print("| dispatch | verdict | GEMM computations | Triton GEMM fusions | decode inside | decode outside a GEMM |")
     print("|---|---|---|---|---|---|")
+    rooflines = []
     for impl in impls:
         layer, args = cm.moe_layer(width, tokens, jnp.bfloat16)
         args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), args)
         try:
-            r = cm.analyse(jax.jit(layer, static_argnums=3).lower(*args, impl).compile().as_text())
+            text = jax.jit(layer, static_argnums=3).lower(*args, impl).compile().as_text()
+            r = cm.analyse(text)
         except Exception as e:  # a refusal is a finding: print it as the row
             print(f"| {impl} | FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]} | | | | |", flush=True)
             continue
         print(f"| {impl} | {'FUSED' if r['fused'] else 'not fused'} | {r['gemm_computations']} | "
               f"{r['triton_gemm_fusions']} | {', '.join(r['fused_in']) or '-'} | "
               f"{', '.join(r['decode_outside_gemm']) or '-'} |", flush=True)
+        rooflines.append((impl, text))
+    print(f"\nRoofline of the layer per decode branch ({peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.2f} TB/s; routed rows "
+          f"{tokens} x top-{top_k}; Pallas kernels' FLOPs from their shapes, bytes = operands + result once):\n")
+    print("| dispatch | branch | kernels | GEMM GFLOP | MB moved | roofline µs | of which GEMM / Pallas µs |")
+    print("|---|---|---|---|---|---|---|")
+    for impl, text in rooflines:
+        if _unknown_trip_loops(text):
+            print(f"| {impl} | - | data-dependent loops (trip counts unknown at compile time): no static roofline | | | | |")
+            continue
+        for label, ks in moe_branches(text, width, tokens * top_k, peak, bandwidth).items():
+            ms = sum(k.count * k.roofline_ms(peak, bandwidth) for k in ks)
+            mm = sum(k.count * k.roofline_ms(peak, bandwidth) for k in ks if k.kind in ("gemm", "pallas"))
+            print(f"| {impl} | {label} | {sum(k.count for k in ks)} | {sum(k.count * k.flops for k in ks) / 1e9:.0f} | "
+                  f"{sum(k.count * k.bytes for k in ks) / 1e6:.0f} | {1e3 * ms:.0f} | {1e3 * mm:.0f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -376,13 +432,16 @@ def main(argv=None) -> int:
                     help="text tokens of `dit-step` (512: scripts/benchmark_transformer.py's workload)")
     ap.add_argument("--te-text-tokens", type=int, default=512,
                     help="text tokens per row of `text-step` (512: scripts/benchmark_text_encoder.py's workload)")
+    ap.add_argument("--te-moe", default="auto", help="text-step: the MoE dispatch (auto: the GPU row of MOE_DISPATCH; gmm: "
+                    "the MXFP4 grouped-matmul kernel)")
     ap.add_argument("--moe-width", type=int, default=2880)
     ap.add_argument("--moe-tokens", type=int, default=1024)
-    ap.add_argument("--moe-impls", nargs="+", default=["dense", "ragged", "grouped"])
+    ap.add_argument("--moe-impls", nargs="+", default=["dense", "ragged", "grouped", "gmm"])
     ap.add_argument("--dump", default=None, help="dit-step: write the optimised HLO to DUMP (.<size> appended)")
     args = ap.parse_args(argv)
 
     from lens_jax import parallel
+    from lens_jax.models import mxfp4
 
     configs = aot_tpu.load_configs(args.config)
     device = target_device(args.target)
@@ -401,13 +460,24 @@ def main(argv=None) -> int:
                                 f"{args.dump}.{size}" if args.dump else None)
         if "text-step" in args.programs:
             t0 = time.perf_counter()
-            compiled = aot_tpu.compile_text_encoder(configs, mesh, args.te_text_tokens, 2)
+            compiled = aot_tpu.compile_text_encoder(configs, mesh, args.te_text_tokens, 2, moe_impl=args.te_moe)
+            te, layers = configs["te"], max(configs["dit"].selected_layer_index) + 1
+            routed = 2 * args.te_text_tokens * te.num_experts_per_tok
+
+            def pallas_cost(k):
+                """mxfp4_gemm: 2 x routed rows x out x in FLOPs (gate_up: in = hidden, down: in = intermediate);
+                its operands hold every layer's packed experts, of which it reads one layer's."""
+                out = hk.dims_of(k.out_shape)[-1]
+                fan_in = te.hidden_size if out == 2 * te.intermediate_size else te.intermediate_size
+                stack = layers * te.num_local_experts * out * (fan_in // 2 + fan_in // mxfp4.BLOCK)
+                return 2.0 * routed * out * fan_in, k.bytes - stack + stack / layers
+
             kernel_report(compiled, f"text encoder, 2 x {args.te_text_tokens} tokens (one CFG pair), MXFP4-packed "
-                          "experts, bf16, layers up to the last selected one", time.perf_counter() - t0,
-                          max(configs["dit"].selected_layer_index) + 1, peak, bandwidth,
-                          f"{args.dump}.text" if args.dump else None)
+                          f"experts, bf16, layers up to the last selected one, moe_impl={args.te_moe}",
+                          time.perf_counter() - t0, max(configs["dit"].selected_layer_index) + 1, peak, bandwidth,
+                          f"{args.dump}.text" if args.dump else None, pallas_cost=pallas_cost)
         if "mxfp4" in args.programs:
-            mxfp4_report(device, args.moe_width, args.moe_tokens, args.moe_impls)
+            mxfp4_report(device, args.moe_width, args.moe_tokens, args.moe_impls, peak=peak, bandwidth=bandwidth)
     return 0
 
 

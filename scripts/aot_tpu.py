@@ -190,9 +190,9 @@ def compile_sampler(configs, mesh, size: int, cfg: bool, steps: int, text_tokens
     return [whole, programs.decode.lower(_abstract(vae_abs, vae_sh), latents).compile()]
 
 
-def compile_text_encoder(configs, mesh, text_tokens: int, rows: int, offload: bool = False):
+def compile_text_encoder(configs, mesh, text_tokens: int, rows: int, offload: bool = False, moe_impl: str = "auto"):
     """The GPT-OSS encoder program; `offload`: its decoder layers in pinned host memory, streamed
-    (offload="text_encoder" / "all", as LensPipeline.text_encoder places them)."""
+    (offload="text_encoder" / "all", as LensPipeline.text_encoder places them); `moe_impl`: the MoE dispatch."""
     from lens_jax import parallel
     from lens_jax.models import text_encoder as te
     from lens_jax.parallel import offload as offload_lib
@@ -208,7 +208,7 @@ def compile_text_encoder(configs, mesh, text_tokens: int, rows: int, offload: bo
     ids = sds((rows, text_tokens), jnp.int32, sharding=parallel.batch_sharding(mesh, rows, 2))
     mask = sds((rows, text_tokens), jnp.bool_, sharding=parallel.batch_sharding(mesh, rows, 2))
     fn = jax.jit(te.apply, static_argnames=("config", "selected_layers", "moe_impl", "moe_chunk", "sharding", "stream"))
-    return fn.lower(_abstract(abstract, shardings), config, ids, mask, selected,
+    return fn.lower(_abstract(abstract, shardings), config, ids, mask, selected, moe_impl=moe_impl,
                     sharding=parallel.DEFAULT_RULES.bind(mesh),
                     stream=offload_lib.HostStream.for_stack(_abstract(abstract, shardings)["layers"]) if offload
                     else None).compile()

@@ -137,7 +137,9 @@ def main() -> None:
     n_layers = config.num_hidden_layers
     selected = tuple(sorted({min(int(i), n_layers - 1) for i in args.layers.split(",")}))
     compare = args.compare_torch if args.compare_torch is not None else (backend == "cpu" and name != "full")
-    impls = list(T.MOE_IMPLS) if args.moe == "all" else [args.moe]
+    # "all": every dispatch, less the GPU kernels on CPU (Pallas interpret mode there: tests only)
+    every = [i for i in T.MOE_IMPLS if backend != "cpu" or i not in T.MOE_KERNEL_IMPLS]
+    impls = every if args.moe == "all" else [args.moe]
     b, s = args.batch, args.tokens
     print(f"backend {backend} ({jax.devices()[0].device_kind}), config {name}, dtype {dtype.name}, batch {b} x {s} "
           f"tokens, layers {selected}, experts {'dequantised' if args.dequantized else 'MXFP4 packed'}")
@@ -209,7 +211,7 @@ def main() -> None:
         x = jnp.asarray(rng.standard_normal((b * s, config.hidden_size)), dtype)
         router = jax.tree.map(lambda a: a[0], params["layers"]["mlp"]["router"])
         experts = params["layers"]["mlp"]["experts"]
-        for impl in T.MOE_IMPLS if args.moe == "all" or backend == "cpu" else impls:
+        for impl in every if args.moe == "all" or backend == "cpu" else impls:
             def one_layer(x, experts, router, impl=impl):
                 w, idx = T.route(x, router, config.num_experts_per_tok)
                 return T.moe(x, experts, 0, w, idx, config, impl, args.moe_chunk)

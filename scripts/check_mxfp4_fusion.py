@@ -2,6 +2,7 @@
 """Does the compiler fuse the MXFP4 decode into the expert matmuls? Read the optimised HLO and say.
 
     python scripts/check_mxfp4_fusion.py                         # GPU: real width, dense + ragged + grouped
+    python scripts/check_mxfp4_fusion.py --impls dense gmm       # the Pallas kernel (moe_impl="gmm")
     python scripts/check_mxfp4_fusion.py --width 256 --tokens 64 # CPU smoke run (XLA:CPU fuses nothing here)
 
 Compiles one GPT-OSS MoE layer with MXFP4-packed experts (as `scripts/benchmark_moe.py` builds it)
@@ -10,7 +11,8 @@ holds a matrix product (`dot`, or a cuBLAS / Triton GEMM custom call or fusion):
 integer work on the packed uint8 codes (shift, and, bitcast-convert of the assembled bits) happens in
 the same computation. "fused" means at least one GEMM computation contains that work, i.e. the
 decoded expert is never written to memory (on the H100 a `__triton_gemm` fusion with the decode
-as its prologue); "not fused" lists where the decode lands instead.
+as its prologue, or a Pallas kernel, a `__gpu$xla.gpu.triton` custom call, that takes the packed uint8
+codes as operands: `moe_impl="gmm"`); "not fused" lists where the decode lands instead.
 """
 
 from __future__ import annotations
@@ -49,16 +51,35 @@ def is_gemm(body: str) -> bool:
     return " dot(" in body
 
 
+FLOAT_BITCAST_RE = re.compile(r"=\s*(?:bf16|f16|f32)\[[\d,]*\]\S*\s+bitcast-convert\(")
+PALLAS_TARGET = "__gpu$xla.gpu.triton"
+
+
 def decodes_packed(body: str) -> bool:
-    """Integer work on the packed codes: a shift or bit assembly touching u8/u32 values."""
+    """Decode work: shifts in a computation that reads packed u8 codes, or the float bit assembly (an
+    integer -> float bitcast-convert). Shifts on int32 alone are index arithmetic (divisions by powers of
+    two in the routing and the sort), not the decode."""
     found = ops(body)
-    return any(op in found for op in DECODE_OPS) and ("u8[" in body or "u32[" in body or "s32[" in body)
+    unpack = ("shift-right-logical" in found or "shift-left" in found) and "u8[" in body
+    return unpack or bool(FLOAT_BITCAST_RE.search(body))
+
+
+def pallas_kernels_on_packed(hlo: str) -> list[str]:
+    """Pallas (Triton) kernels that take packed u8 operands: they decode inside the kernel."""
+    out = []
+    for line in hlo.splitlines():
+        if f'custom_call_target="{PALLAS_TARGET}"' in line:
+            operands = re.search(r"operand_layout_constraints=\{(.*?)\}, api_version", line)
+            if operands and "u8[" in operands.group(1):
+                name = re.search(r'name = "([^"]+)"', line) or re.search(r"%([\w.\-]+)\s*=", line)
+                out.append(f"pallas {name.group(1) if name else '?'}")
+    return out
 
 
 def analyse(hlo: str) -> dict:
     comps = computations(hlo)
     gemms = {n: b for n, b in comps.items() if is_gemm(b)}
-    fused = sorted(n for n, b in gemms.items() if decodes_packed(b))
+    fused = sorted(n for n, b in gemms.items() if decodes_packed(b)) + sorted(set(pallas_kernels_on_packed(hlo)))
     decode_elsewhere = sorted(n for n, b in comps.items() if n not in gemms and decodes_packed(b))
     triton = sorted(n for n, b in comps.items() if "__triton_gemm" in b or "__triton_nested_gemm" in b)  # callers
     return dict(fused=bool(fused), gemm_computations=len(gemms), fused_in=fused[:8],
@@ -91,7 +112,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=2880, help="hidden = expert width (real: 2880)")
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--impls", nargs="+", default=["dense", "ragged", "grouped"])
+    ap.add_argument("--impls", nargs="+", default=["dense", "ragged", "grouped"], help="add gmm for the Pallas kernel")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default=None, help="default: f32 on CPU, bf16 elsewhere")
     ap.add_argument("--json", default=None, help="also write the verdicts to this JSON file")
     ap.add_argument("--dump", default=None, help="write each dispatch's optimised HLO to DUMP.<impl>.txt")

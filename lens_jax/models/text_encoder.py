@@ -29,6 +29,11 @@ MoE dispatch (`moe_impl`):
     ragged dots natively (TPU; some GPU stacks). JAX 0.10 on CPU (and by default on GPU)
     expands it to a dense masked product over all experts.
   * "dense": every expert on every token (E/k times the FLOPs); reference and benchmarks only.
+  * "gmm": the sorted rows through `mxfp4_gemm.gmm`, a Pallas (Triton) grouped matmul that reads the
+    packed MXFP4 codes and scales and decodes each weight tile in registers: decoded experts never
+    reach memory and experts without rows are never read. GPU only (CPU runs it in Pallas' interpret
+    mode, for tests); opt-in, not in `MOE_DISPATCH` (docs/benchmarks.md, "MXFP4 grouped matmul");
+    differentiated as "ragged" (like grouped / tiled). Float experts run "grouped".
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import attention as attn_lib
-from . import mxfp4
+from . import mxfp4, mxfp4_gemm
 from .dtypes import resolve_dtype
 from .axes import ACT_HEADS, BATCH, EMBED, EXPERT_MLP, EXPERTS, HEADS, KV_HEADS, MLP, VOCAB, Constrain, axes_from_table, constrain
 from .nn import dense, rms_norm
@@ -57,7 +62,10 @@ Params = dict
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MOE_FIXED_IMPLS = ("grouped", "tiled", "ragged", "dense")
-MOE_IMPLS = ("auto", *MOE_FIXED_IMPLS)
+# Dispatches through a GPU kernel (Pallas): opt-in by name, never iterated by the CPU benchmarks and checks
+# that loop over MOE_FIXED_IMPLS (on CPU they run in Pallas' interpret mode: for tests only).
+MOE_KERNEL_IMPLS = ("gmm",)
+MOE_IMPLS = ("auto", *MOE_FIXED_IMPLS, *MOE_KERNEL_IMPLS)
 
 
 @dataclass(frozen=True)
@@ -618,7 +626,13 @@ def moe(x: jax.Array, experts: Params, layer: jax.Array, router_weights: jax.Arr
     chunk = chunk or default_chunk(t * k, n_exp)
     if impl == "ragged":
         ys = ragged(*args)
-    elif impl == "grouped" or (impl == "tiled" and "gate_up_proj_blocks" not in experts):  # float: nothing to tile
+    elif impl == "gmm" and "gate_up_proj_blocks" in experts:
+        if jax.default_backend() == "tpu":
+            raise ValueError("moe_impl='gmm' is a GPU kernel (Pallas on Triton) and does not run on TPU; use "
+                             "moe_impl='auto' (or 'grouped' / 'ragged') there.")
+        ys = _with_gradient_of(ragged, lambda xs, experts, gu_bias, d_bias, sizes, sorted_e, layer: _gmm_experts(
+            xs, sizes, sorted_e, experts, layer, gu_bias, d_bias, act), *args)
+    elif impl in ("grouped", "gmm") or (impl == "tiled" and "gate_up_proj_blocks" not in experts):  # float: nothing to tile
         ys = _with_gradient_of(ragged, lambda xs, experts, gu_bias, d_bias, sizes, sorted_e, layer: _grouped_experts(
             xs, sizes, experts, layer, gu_bias, d_bias, act, chunk), *args)
     elif impl == "tiled":
@@ -680,6 +694,25 @@ def _grouped_experts(xs, sizes, experts, layer, gu_bias, d_bias, act, chunk: int
 
     out, _ = jax.lax.scan(body, jnp.zeros((n + chunk, h), dtype), jnp.arange(sizes.shape[0]))
     return out[:n]
+
+
+def _gmm_experts(xs, sizes, sorted_e, experts, layer, gu_bias, d_bias, act) -> jax.Array:
+    """Rows `xs` [N, h] sorted by expert (sizes [E], expert of each row `sorted_e`) -> expert outputs [N, h]
+    through `mxfp4_gemm.gmm`, which decodes the packed experts inside the matmul kernel. The kernel
+    addresses layer `layer` of the flattened [L * E] expert stack itself (no per-layer copy of it)."""
+    n_exp = sizes.shape[0]
+
+    def stack(name):
+        b, s = experts[f"{name}_blocks"], experts[f"{name}_scales"]
+        return b.reshape(-1, *b.shape[2:]), s.reshape(-1, *s.shape[2:])
+
+    offset = jnp.asarray(layer, jnp.int32) * n_exp
+
+    def run(fast):
+        mid = act(mxfp4_gemm.gmm(xs, *stack("gate_up_proj"), sizes, offset, fast=fast) + gu_bias[sorted_e])
+        return mxfp4_gemm.gmm(mid, *stack("down_proj"), sizes, offset, fast=fast) + d_bias[sorted_e]
+
+    return _with_decode(experts, (layer,), xs.dtype, run)
 
 
 # Decoded bytes of one weight tile in the "tiled" dispatch. One MoE layer at the real width, 256 tokens,
