@@ -20,7 +20,10 @@ def isolated_compilation_cache(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LENS_JAX_COMPILATION_CACHE", str(tmp_path / "xla-cache"))
     yield tmp_path / "xla-cache"
+    from jax.experimental.compilation_cache import compilation_cache
+
     jax.config.update("jax_compilation_cache_dir", None)  # the CLI set it process-wide
+    compilation_cache.reset_cache()  # JAX keeps the cache it opened until reset
 
 
 def test_generate_tiny_random_writes_png_with_metadata(tmp_path, capsys, isolated_compilation_cache):
