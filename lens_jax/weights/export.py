@@ -10,14 +10,11 @@ and back into lens-jax (`lens_jax.transformer.load(folder)`, `lens-jax convert -
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from jax.typing import DTypeLike
@@ -25,6 +22,7 @@ from jax.typing import DTypeLike
 from ..models.dtypes import resolve_dtype
 from ..models.transformer import TransformerConfig
 from .dit import to_torch_state_dict
+from .staging import staged_folder
 
 __all__ = ["export_diffusers", "export_comfy", "COMFY_PREFIX", "DIFFUSERS_WEIGHTS", "DIFFUSERS_VERSION"]
 
@@ -41,16 +39,6 @@ def _host_state_dict(params, config, dtype) -> dict[str, np.ndarray]:
     return sd
 
 
-@contextlib.contextmanager
-def _staging_folder(beside: Path) -> Iterator[Path]:
-    """A hidden temporary folder next to `beside` (same filesystem, so files move in by rename); always removed."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{beside.name}.partial-", dir=beside.parent))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
 def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folder: str | os.PathLike,
                      dtype: DTypeLike | str | None = None,
                      max_shard_bytes: int = 10 * 1024**3) -> Path:
@@ -63,7 +51,6 @@ def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folde
     from safetensors.numpy import save_file
 
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     sd = _host_state_dict(params, config, dtype)
     stem, ext = DIFFUSERS_WEIGHTS.rsplit(".", 1)
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -76,7 +63,8 @@ def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folde
         size += sd[name].nbytes
     meta = {"format": "pt"}
     cfg = {**config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION}
-    with _staging_folder(out) as stage:
+    # The index last: a loader that finds it finds every shard it names.
+    with staged_folder(out, last=lambda name: name.endswith(".index.json")) as stage:
         (stage / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(stage / DIFFUSERS_WEIGHTS), metadata=meta)
@@ -90,12 +78,9 @@ def export_diffusers(params: Mapping[str, Any], config: TransformerConfig, folde
             (stage / f"{DIFFUSERS_WEIGHTS}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         # An earlier export here (sharded or not) would otherwise be what loaders find: its index wins.
         stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{ext}(\.index\.json)?")
-        for old in out.iterdir():
+        for old in out.iterdir() if out.is_dir() else ():
             if old.is_file() and stale.fullmatch(old.name):
                 old.unlink()
-        # The index last: a loader that finds it finds every shard it names.
-        for new in sorted(stage.iterdir(), key=lambda f: f.name.endswith(".index.json")):
-            os.replace(new, out / new.name)
     return out
 
 
@@ -108,7 +93,10 @@ def export_comfy(params: Mapping[str, Any], path: str | os.PathLike, config: Tra
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     sd = _host_state_dict(params, config, dtype)
-    with _staging_folder(p) as stage:  # written whole, then renamed over `path`
-        save_file({prefix + k: v for k, v in sd.items()}, str(stage / p.name), metadata={"format": "pt"})
-        os.replace(stage / p.name, p)
+    partial = p.with_name(f".{p.name}.partial-{os.getpid()}")  # written whole, then renamed over `path`
+    try:
+        save_file({prefix + k: v for k, v in sd.items()}, str(partial), metadata={"format": "pt"})
+        os.replace(partial, p)
+    finally:
+        partial.unlink(missing_ok=True)
     return p

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ...weights.staging import staged_folder
 from .metrics import TOLERANCE_BASIS
 
 TITLES = {
@@ -238,15 +236,8 @@ def write(report: dict, images: dict, folder: Path) -> dict[str, Path]:
     Everything is written into a staging folder beside `folder` first and moved in when complete
     (report.json last), so an error or Ctrl-C while writing leaves no partial report."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    with staged_folder(folder, last=lambda name: name == "report.json") as staging:
         _write_into(report, images, staging)
-        folder.mkdir(exist_ok=True)
-        for f in sorted(staging.iterdir(), key=lambda f: f.name == "report.json"):
-            os.replace(f, folder / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"json": folder / "report.json", "markdown": folder / "summary.md"}
 
 
